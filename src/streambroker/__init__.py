@@ -1,0 +1,58 @@
+"""streambroker: durable events on Redis Streams with consumer groups.
+
+Register pools and streams in a :class:`Registry` (or YAML), validate it, make a
+:class:`Broker`, publish events and consume them with named consumers of groups.
+"""
+
+from .broker import Batch, Broker, Consumer, Handler
+from .codecs import Codec
+from .config import PoolSpec, Registry, StreamSpec, ValidatedRegistry
+from .embedded import EmbeddedServer
+from .errors import (
+    BrokerError,
+    ConfigError,
+    DecodeError,
+    EmbeddedServerError,
+    EncodeError,
+    InvalidArgumentError,
+    PayloadError,
+    PayloadTooLargeError,
+    PoolAuthenticationError,
+    PoolConnectionError,
+    PoolError,
+    ServerReplyError,
+    UnknownGroupError,
+    UnknownStreamError,
+)
+from .events import Event
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Broker",
+    "BrokerError",
+    "Codec",
+    "ConfigError",
+    "Consumer",
+    "DecodeError",
+    "EmbeddedServer",
+    "EmbeddedServerError",
+    "EncodeError",
+    "Event",
+    "Handler",
+    "InvalidArgumentError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PoolAuthenticationError",
+    "PoolConnectionError",
+    "PoolError",
+    "PoolSpec",
+    "Registry",
+    "ServerReplyError",
+    "StreamSpec",
+    "UnknownGroupError",
+    "UnknownStreamError",
+    "ValidatedRegistry",
+    "__version__",
+]

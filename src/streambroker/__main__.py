@@ -1,0 +1,5 @@
+"""``python -m streambroker``: the command-line tool."""
+
+from .cli import main
+
+main()

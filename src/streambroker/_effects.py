@@ -1,0 +1,88 @@
+"""The sans-I/O protocol between the broker's logic and its I/O layers.
+
+The logic (publishing, consuming, group creation, ...) is written once, as
+generators that yield *effects* and receive their results. An I/O layer (the
+synchronous one in ``_sync``) performs each effect and sends the result back, or
+throws the error into the generator. No logic lives in an I/O layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis.exceptions as rex
+
+from .errors import (
+    BrokerError,
+    PoolAuthenticationError,
+    PoolConnectionError,
+    PoolError,
+    ServerReplyError,
+)
+
+if TYPE_CHECKING:
+    from .events import Event
+
+T = TypeVar("T")
+
+Arg = str | bytes | int | float
+Command = tuple[Arg, ...]
+
+#: An operation: a generator of effects returning ``T``.
+Op = Generator["Effect", Any, T]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``commands`` to ``pool`` in one round trip; the result is the list of replies.
+
+    Replies are raw RESP2 values (bytes, ints, lists, None). With ``allow_errors`` an
+    error reply comes back as a :class:`ReplyError` in its place; without, it raises.
+    """
+
+    pool: str
+    commands: Sequence[Command]
+    allow_errors: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Parallel:
+    """Perform several :class:`Send` (to different pools) at once; the result lists theirs."""
+
+    sends: Sequence[Send]
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """Call the user's handler with ``events``; the result is what it returned."""
+
+    events: list[Event]
+
+
+Effect = Send | Parallel | Handle
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyError:
+    """An error reply from the server, returned in place when ``allow_errors`` is set."""
+
+    message: str
+
+
+def translate_error(exc: rex.RedisError, pool: str) -> BrokerError:
+    """Turn a redis-py error into the broker's error naming the pool."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError):
+        return PoolAuthenticationError(pool, text)
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+        return PoolConnectionError(pool, text)
+    if isinstance(exc, rex.ResponseError):
+        return ServerReplyError(pool, text)
+    return PoolError(pool, text)
+
+
+def single(pool: str, *command: Arg) -> Send:
+    """A :class:`Send` of one command."""
+    return Send(pool, (command,))

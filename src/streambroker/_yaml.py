@@ -1,0 +1,156 @@
+"""Loading the YAML configuration format with file and line in every error.
+
+The document is walked as PyYAML nodes (not as constructed Python objects) so that
+each registration keeps its line, and so that duplicate keys are reported instead
+of silently overwriting each other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Registry
+
+_POOL_KEYS = ("redis", "streams")
+
+
+def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
+    """Return (text, name for messages) for YAML text or a path to a YAML file."""
+    is_path = isinstance(source, os.PathLike) or (
+        "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
+    )
+    if not is_path:
+        return str(source), "<yaml>"
+    path = Path(source)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+
+
+def _line(name: str, node: yaml.Node) -> str:
+    return f"{name}:{node.start_mark.line + 1}"
+
+
+def _scalar(node: yaml.Node) -> str | None:
+    """The text of a non-null scalar node, else None."""
+    if isinstance(node, yaml.ScalarNode) and node.tag != "tag:yaml.org,2002:null":
+        return str(node.value)
+    return None
+
+
+def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registry:
+    """Fill ``registry`` from the YAML ``source`` (text or path) and return it."""
+    from .config import _PoolEntry, _StreamEntry
+
+    text, name = _read_source(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{name}{line}: invalid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+    if root is None:
+        raise ConfigError(f"{name}: the config is empty; expected a mapping of pool names")
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            f"{_line(name, root)}: expected a mapping of redis pool names at the top level"
+        )
+
+    problems: list[str] = []
+    seen_pools: set[str] = set()
+    for key_node, pool_node in root.value:
+        where = _line(name, key_node)
+        pool = _scalar(key_node)
+        if pool is None:
+            problems.append(f"{where}: a redis pool name must be a plain string")
+            continue
+        if pool in seen_pools:
+            problems.append(f"{where}: redis pool {pool} is already registered")
+            continue
+        seen_pools.add(pool)
+        if not isinstance(pool_node, yaml.MappingNode):
+            problems.append(
+                f"{where}: redis pool {pool} must be a mapping with 'redis' and 'streams'"
+            )
+            continue
+        fields = {}
+        for field_key, field_value in pool_node.value:
+            key = _scalar(field_key)
+            if key not in _POOL_KEYS:
+                problems.append(
+                    f"{_line(name, field_key)}: redis pool {pool}: unknown key {key!r} "
+                    f"(expected {' and '.join(_POOL_KEYS)})"
+                )
+            elif key in fields:
+                problems.append(f"{_line(name, field_key)}: redis pool {pool}: duplicate {key!r}")
+            else:
+                fields[key] = field_value
+        if "redis" not in fields:
+            problems.append(f"{where}: redis pool {pool} has no 'redis' address")
+        else:
+            address = _scalar(fields["redis"])
+            if address is None:
+                problems.append(
+                    f"{_line(name, fields['redis'])}: redis pool {pool}: "
+                    "'redis' must be an address such as localhost:6379:0"
+                )
+            else:
+                registry._pools.append(
+                    _PoolEntry(pool, address, None, None, _line(name, fields["redis"]))
+                )
+        streams_node = fields.get("streams")
+        if streams_node is None or _is_null(streams_node):
+            continue
+        if not isinstance(streams_node, yaml.MappingNode):
+            problems.append(
+                f"{_line(name, streams_node)}: redis pool {pool}: 'streams' must map "
+                "stream names to lists of consumer groups"
+            )
+            continue
+        for stream_key, groups_node in streams_node.value:
+            stream = _scalar(stream_key)
+            stream_where = _line(name, stream_key)
+            if stream is None:
+                problems.append(f"{stream_where}: a stream name must be a plain string")
+                continue
+            groups = _groups(groups_node)
+            if groups is None:
+                problems.append(
+                    f"{_line(name, groups_node)}: stream {stream}: expected a list of "
+                    "consumer group names"
+                )
+                continue
+            registry._streams.append(_StreamEntry(stream, pool, groups, stream_where))
+    if problems:
+        raise ConfigError(problems)
+    return registry
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _groups(node: yaml.Node) -> tuple[object, ...] | None:
+    if _is_null(node):
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        return None
+    groups: list[object] = []
+    for item in node.value:
+        text = _scalar(item)
+        if text is None:
+            return None
+        groups.append(text)
+    return tuple(groups)

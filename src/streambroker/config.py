@@ -1,0 +1,341 @@
+"""Registering pools, streams and consumer groups, and validating them.
+
+A :class:`Registry` collects registrations (in code or from YAML) without checking
+them; :meth:`Registry.validate` checks everything at once, without a server, and
+returns an immutable :class:`ValidatedRegistry` from which brokers are made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import SplitResult, parse_qs, urlsplit
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .broker import Broker
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_POOL",
+    "PoolSpec",
+    "Registry",
+    "StreamSpec",
+    "ValidatedRegistry",
+    "check_name",
+]
+
+DEFAULT_POOL = "default"
+DEFAULT_DATA_DIR = ".streambroker"
+MAX_NAME_LENGTH = 128
+
+_BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f*?\[\]]")
+_URL_SCHEMES = ("redis", "rediss", "unix")
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\s]+)):(?P<port>[^:]+)(?::(?P<db>.*))?")
+
+
+def check_name(kind: str, name: object) -> str | None:
+    """Return why ``name`` is not a valid name of a ``kind``, or None when it is valid.
+
+    Names must be non-empty strings of at most 128 characters without whitespace,
+    control characters or glob characters (``*?[]``), so that they are safe as Redis
+    keys, in ``SCAN``/``KEYS`` patterns and on a command line.
+    """
+    if not isinstance(name, str):
+        return f"{kind} name must be a string, got {type(name).__name__} {name!r}"
+    if not name:
+        return f"{kind} name must not be empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{kind} name {name[:20]!r}... is longer than {MAX_NAME_LENGTH} characters"
+    bad = _BAD_NAME_CHARS.search(name)
+    if bad:
+        return (
+            f"{kind} name {name!r} holds {bad.group()!r}: names may not hold whitespace, "
+            "control characters or glob characters (*?[])"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Where one named Redis pool lives.
+
+    ``kind`` is ``"tcp"`` (``host:port`` with ``db``), ``"url"`` (a ``redis://``,
+    ``rediss://`` or ``unix://`` URL, which may carry credentials) or ``"embedded"``
+    (the bundled server under ``data_dir``).
+    """
+
+    name: str
+    kind: Literal["tcp", "url", "embedded"]
+    db: int = 0
+    host: str | None = None
+    port: int | None = None
+    url: str | None = field(default=None, repr=False)
+    data_dir: str | None = None
+
+    @property
+    def display_address(self) -> str:
+        """The address with any password masked, fit for logs and messages."""
+        if self.kind == "tcp":
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"{host}:{self.port}/{self.db}"
+        if self.kind == "embedded":
+            return f"embedded:{self.data_dir}/{self.db}"
+        assert self.url is not None
+        return _mask_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"PoolSpec(name={self.name!r}, address={self.display_address!r})"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A registered stream: its name, its pool and the consumer groups that read it."""
+
+    name: str
+    pool: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ValidatedRegistry:
+    """An immutable, checked set of pools and streams; make brokers from it.
+
+    Two validated registries are equal when they register the same pools (same
+    addresses) and the same streams with the same groups.
+    """
+
+    pools: Mapping[str, PoolSpec]
+    streams: Mapping[str, StreamSpec]
+    groups: Mapping[str, tuple[str, ...]] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups: dict[str, list[str]] = {}
+        for stream in self.streams.values():
+            for group in stream.groups:
+                groups.setdefault(group, []).append(stream.name)
+        object.__setattr__(
+            self, "groups", MappingProxyType({g: tuple(s) for g, s in groups.items()})
+        )
+
+    def broker(self, **options: Any) -> Broker:
+        """Make a synchronous :class:`~streambroker.Broker`; see its options."""
+        from .broker import Broker
+
+        return Broker(self, **options)
+
+
+@dataclass(frozen=True)
+class _PoolEntry:
+    name: object
+    address: object
+    db: object
+    data_dir: object
+    origin: str | None
+
+
+@dataclass(frozen=True)
+class _StreamEntry:
+    name: object
+    pool: object
+    groups: tuple[object, ...] | object
+    origin: str | None
+
+
+class Registry:
+    """Collects Redis pools and streams; :meth:`validate` checks them all at once."""
+
+    def __init__(self) -> None:
+        self._pools: list[_PoolEntry] = []
+        self._streams: list[_StreamEntry] = []
+
+    def register_redis(
+        self,
+        address: str,
+        db: int | None = None,
+        pool: str = DEFAULT_POOL,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Register a Redis pool named ``pool``.
+
+        ``address`` is ``host:port`` (with ``db``), ``host:port:db`` as in the YAML
+        format, a ``redis://``, ``rediss://`` or ``unix://`` URL, or ``embedded`` for
+        the bundled server (``embedded:DIR`` or ``data_dir=`` picks its data directory,
+        default ``./.streambroker``).
+        """
+        self._pools.append(_PoolEntry(pool, address, db, data_dir, None))
+
+    def register_stream(
+        self, name: str, pool: str = DEFAULT_POOL, groups: Sequence[str] = ()
+    ) -> None:
+        """Register the stream ``name`` in ``pool``, read by the consumer ``groups``."""
+        groups_value: object = groups if isinstance(groups, str) else tuple(groups)
+        self._streams.append(_StreamEntry(name, pool, groups_value, None))
+
+    def validate(self) -> ValidatedRegistry:
+        """Check every registration and return the immutable result.
+
+        Raises :class:`~streambroker.ConfigError` listing every problem found. No
+        server is contacted.
+        """
+        problems: list[str] = []
+        pools: dict[str, PoolSpec] = {}
+        for entry in self._pools:
+            where = f"{entry.origin}: " if entry.origin else ""
+            problem = check_name("redis pool", entry.name)
+            if problem:
+                problems.append(where + problem)
+                continue
+            assert isinstance(entry.name, str)
+            if entry.name in pools:
+                problems.append(f"{where}redis pool {entry.name} is already registered")
+                continue
+            try:
+                pools[entry.name] = _parse_address(
+                    entry.name, entry.address, entry.db, entry.data_dir
+                )
+            except ValueError as exc:
+                problems.append(f"{where}redis pool {entry.name}: {exc}")
+
+        streams: dict[str, StreamSpec] = {}
+        for s in self._streams:
+            where = f"{s.origin}: " if s.origin else ""
+            problem = check_name("stream", s.name)
+            if problem:
+                problems.append(where + problem)
+                continue
+            assert isinstance(s.name, str)
+            if s.name in streams:
+                problems.append(f"{where}stream with name {s.name} already exists")
+                continue
+            stream_problems = _check_stream(s, pools)
+            problems.extend(where + p for p in stream_problems)
+            if not stream_problems:
+                assert isinstance(s.pool, str)
+                assert isinstance(s.groups, tuple)
+                streams[s.name] = StreamSpec(s.name, s.pool, tuple(map(str, s.groups)))
+        if problems:
+            raise ConfigError(problems)
+        return ValidatedRegistry(MappingProxyType(pools), MappingProxyType(streams))
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike[str]) -> Registry:
+        """Load a registry from YAML text or a YAML file (see the README for the format).
+
+        Syntax and shape errors raise :class:`~streambroker.ConfigError` naming the
+        file and line; the other checks happen in :meth:`validate`, also with lines.
+        """
+        from ._yaml import load_registry
+
+        return load_registry(cls(), source)
+
+
+def _check_stream(s: _StreamEntry, pools: Mapping[str, PoolSpec]) -> list[str]:
+    problems = []
+    pool_problem = check_name("redis pool", s.pool)
+    if pool_problem:
+        problems.append(f"stream {s.name}: {pool_problem}")
+    elif s.pool not in pools:
+        problems.append(f"stream {s.name}: redis pool {s.pool} is not registered")
+    if not isinstance(s.groups, tuple):
+        problems.append(
+            f"stream {s.name}: consumer groups must be a list of names, got {s.groups!r}"
+        )
+        return problems
+    if not s.groups:
+        problems.append(f"stream {s.name} has no consumer groups")
+    seen: set[object] = set()
+    for group in s.groups:
+        problem = check_name("consumer group", group)
+        if problem:
+            problems.append(f"stream {s.name}: {problem}")
+        elif group in seen:
+            problems.append(f"stream {s.name}: consumer group {group} is listed twice")
+        seen.add(group)
+    return problems
+
+
+def _parse_int(text: str, what: str, minimum: int, maximum: int | None = None) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} {text!r} is not a number")
+    value = int(text)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{what} {value} is out of range")
+    return value
+
+
+def _parse_address(pool: str, address: object, db: object, data_dir: object) -> PoolSpec:
+    if db is not None and (isinstance(db, bool) or not isinstance(db, int) or db < 0):
+        raise ValueError(f"db {db!r} is not a database number (an integer >= 0)")
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError(f"address must be a non-empty string, got {address!r}")
+    if address == "embedded" or address.startswith("embedded:"):
+        directory = address.partition(":")[2] or data_dir or DEFAULT_DATA_DIR
+        if not isinstance(directory, str | os.PathLike):
+            raise ValueError(f"data_dir {directory!r} is not a path")
+        resolved = str(Path(directory).expanduser().resolve())
+        return PoolSpec(pool, "embedded", db=db or 0, data_dir=resolved)
+    if data_dir is not None:
+        raise ValueError("data_dir applies only to the embedded server")
+    scheme = address.partition("://")[0]
+    if "://" in address:
+        if scheme not in _URL_SCHEMES:
+            raise ValueError(
+                f"cannot parse address {_mask_url(address)!r}: the URL scheme must be one "
+                f"of {', '.join(_URL_SCHEMES)}"
+            )
+        url_db = _check_url(urlsplit(address))
+        if db is not None and url_db is not None and db != url_db:
+            raise ValueError(f"the URL selects db {url_db} but db={db} was given")
+        chosen = url_db if url_db is not None else (db or 0)
+        return PoolSpec(pool, "url", db=chosen, url=address)
+    return _parse_host_port(pool, address, db)
+
+
+def _check_url(parts: SplitResult) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"the port in {_mask_url(parts.geturl())!r} is not valid") from None
+    del port
+    query_db = parse_qs(parts.query).get("db")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// URL needs a socket path")
+        return _parse_int(query_db[0], "db", 0) if query_db else None
+    if not parts.hostname:
+        raise ValueError(f"the URL {_mask_url(parts.geturl())!r} has no host")
+    path = parts.path.strip("/")
+    if path:
+        return _parse_int(path, "db", 0)
+    return _parse_int(query_db[0], "db", 0) if query_db else None
+
+
+def _parse_host_port(pool: str, address: str, db: object) -> PoolSpec:
+    match = _HOST_PORT.fullmatch(address)
+    if not match:
+        raise ValueError(
+            f"cannot parse address {address!r}: expected host:port, host:port:db, "
+            "a redis://, rediss:// or unix:// URL, or embedded"
+        )
+    host = match.group("v6") or match.group("host")
+    port = _parse_int(match.group("port"), "port", 1, 65535)
+    db_text = match.group("db")
+    address_db = _parse_int(db_text, "db", 0) if db_text is not None else None
+    if db is not None and address_db is not None and db != address_db:
+        raise ValueError(f"the address selects db {address_db} but db={db} was given")
+    chosen = address_db if address_db is not None else db
+    assert chosen is None or isinstance(chosen, int)
+    return PoolSpec(pool, "tcp", db=chosen or 0, host=host, port=port)
+
+
+def _mask_url(url: str) -> str:
+    """Replace the password of a URL by ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

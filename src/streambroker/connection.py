@@ -1,0 +1,56 @@
+"""Making redis-py clients for pools.
+
+Clients speak RESP2 and return raw replies (no redis-py reply callbacks), so the
+I/O-free core parses every reply itself, the same way for the sync and async faces.
+A client holds a connection pool of its own: each thread or task takes a connection
+as it needs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from .config import PoolSpec
+from .embedded import EmbeddedServer
+
+__all__ = ["ConnectionOptions", "client_kwargs", "sync_client"]
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """Timeouts of every connection a broker opens (seconds)."""
+
+    socket_timeout: float = 10.0
+    connect_timeout: float = 5.0
+
+
+def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
+    """Keyword arguments for a redis-py client of ``spec`` (starts an embedded server)."""
+    kwargs: dict[str, Any] = {
+        "db": spec.db,
+        "protocol": 2,
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.connect_timeout,
+        "client_name": "streambroker",
+    }
+    if spec.kind == "tcp":
+        kwargs.update(host=spec.host, port=spec.port)
+    elif spec.kind == "embedded":
+        assert spec.data_dir is not None
+        kwargs["unix_socket_path"] = EmbeddedServer(spec.data_dir).start()
+    return kwargs
+
+
+def sync_client(spec: PoolSpec, options: ConnectionOptions) -> redis.Redis:
+    """A synchronous client of the pool ``spec``."""
+    kwargs = client_kwargs(spec, options)
+    if spec.kind == "url":
+        assert spec.url is not None
+        client = redis.Redis.from_url(spec.url, **kwargs)
+    else:
+        client = redis.Redis(**kwargs)
+    client.response_callbacks.clear()
+    return client

@@ -1,0 +1,93 @@
+"""State and logic shared by every operation of one broker, free of I/O.
+
+:class:`BrokerCore` knows the validated registry, the codec and limits, and which
+pools already have their consumer groups; the sync and async faces both drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from ._effects import Op, Parallel, ReplyError, Send
+from .codecs import Codec, get_codec
+from .config import StreamSpec, ValidatedRegistry
+from .errors import InvalidArgumentError, ServerReplyError, UnknownGroupError, UnknownStreamError
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore"]
+
+log = logging.getLogger("streambroker")
+
+DEFAULT_MAX_BODY_SIZE = 1 << 20
+
+
+class BrokerCore:
+    """The I/O-free half of a broker."""
+
+    def __init__(
+        self,
+        registry: ValidatedRegistry,
+        codec: str = "msgpack",
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        if not isinstance(registry, ValidatedRegistry):
+            raise InvalidArgumentError(
+                "a broker needs a ValidatedRegistry: call registry.validate() first"
+            )
+        if (
+            isinstance(max_body_size, bool)
+            or not isinstance(max_body_size, int)
+            or (max_body_size < 1)
+        ):
+            raise InvalidArgumentError(
+                f"max_body_size must be a positive number of bytes, got {max_body_size!r}"
+            )
+        self.registry = registry
+        self.codec: Codec = get_codec(codec)
+        self.max_body_size = max_body_size
+        self._ready_pools: set[str] = set()
+
+    def stream(self, name: str) -> StreamSpec:
+        """The registered stream ``name``; raises :class:`UnknownStreamError`."""
+        try:
+            return self.registry.streams[name]
+        except (KeyError, TypeError):
+            raise UnknownStreamError(name) from None
+
+    def group_streams(self, group: str) -> tuple[StreamSpec, ...]:
+        """The streams the registered ``group`` reads; raises :class:`UnknownGroupError`."""
+        try:
+            names = self.registry.groups[group]
+        except (KeyError, TypeError):
+            raise UnknownGroupError(group) from None
+        return tuple(self.registry.streams[name] for name in names)
+
+    def ensure_groups(self, pools: Iterable[str]) -> Op[None]:
+        """Create every registered group of the streams in ``pools``, once per broker.
+
+        Groups start at the beginning of the stream (id 0), so events published before
+        a group's first consumer ran are still delivered to it. One pipeline per pool.
+        """
+        todo = [pool for pool in dict.fromkeys(pools) if pool not in self._ready_pools]
+        if not todo:
+            return
+        sends = []
+        for pool in todo:
+            commands = [
+                ("XGROUP", "CREATE", stream.name, group, "0", "MKSTREAM")
+                for stream in self.registry.streams.values()
+                if stream.pool == pool
+                for group in stream.groups
+            ]
+            if commands:
+                sends.append(Send(pool, commands, allow_errors=True))
+        results = yield Parallel(sends)
+        for send, replies in zip(sends, results, strict=True):
+            for command, reply in zip(send.commands, replies, strict=True):
+                if isinstance(reply, ReplyError) and not reply.message.startswith("BUSYGROUP"):
+                    raise ServerReplyError(
+                        send.pool,
+                        f"cannot create consumer group {command[3]!r} of stream "
+                        f"{command[2]!r}: {reply.message}",
+                    )
+        self._ready_pools.update(todo)

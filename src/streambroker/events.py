@@ -1,0 +1,122 @@
+"""The event a handler receives: id, stream, meta tags and a lazily decoded body."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from .codecs import CODECS
+from .errors import DecodeError
+from .wire import BODY_FIELD, CODEC_FIELD, RESERVED_PREFIX
+
+__all__ = ["Event"]
+
+T = TypeVar("T")
+
+_BODY = BODY_FIELD.encode()
+_CODEC = CODEC_FIELD.encode()
+_RESERVED = RESERVED_PREFIX.encode()
+_UNSET: Any = object()
+
+
+class Event:
+    """One event read from a stream.
+
+    The body is decoded on first access, so an entry that cannot be decoded (written
+    by another program, or corrupt) does not stop the consumer: reading its
+    ``body``, ``meta`` or ``decode()`` raises :class:`~streambroker.DecodeError`.
+    """
+
+    __slots__ = ("_body", "_fields", "_meta", "acked", "id", "stream")
+
+    def __init__(self, stream: str, event_id: str, fields: list[bytes]) -> None:
+        self.stream = stream
+        self.id = event_id
+        self._fields = fields
+        self._meta: Mapping[str, str] | None = None
+        self._body: Any = _UNSET
+        #: True once :meth:`ack` was called in the handler.
+        self.acked = False
+
+    def __repr__(self) -> str:
+        return f"Event(stream={self.stream!r}, id={self.id!r})"
+
+    def ack(self) -> None:
+        """Acknowledge this event even if the handler raises afterwards.
+
+        Acknowledgements are sent together when the handler returns or raises; events
+        the handler did not ack are acknowledged when it returns normally.
+        """
+        self.acked = True
+
+    def _field(self, name: bytes) -> bytes | None:
+        fields = self._fields
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] == name:
+                return fields[i + 1]
+        return None
+
+    def _fail(self, what: str) -> DecodeError:
+        return DecodeError(f"stream {self.stream}, event {self.id}: {what}")
+
+    @property
+    def meta(self) -> Mapping[str, str]:
+        """The meta tags (every field not starting with ``$``), as strings."""
+        if self._meta is None:
+            fields = self._fields
+            try:
+                meta = {
+                    fields[i].decode(): fields[i + 1].decode()
+                    for i in range(0, len(fields) - 1, 2)
+                    if not fields[i].startswith(_RESERVED)
+                }
+            except UnicodeDecodeError as exc:
+                raise self._fail(f"a meta field is not UTF-8 text: {exc}") from None
+            self._meta = MappingProxyType(meta)
+        return self._meta
+
+    def tag(self, key: str) -> str:
+        """The meta tag ``key``, or ``""`` when the event has none."""
+        return self.meta.get(key, "")
+
+    @property
+    def codec(self) -> str | None:
+        """The name of the codec that encoded the body; None when there is no body."""
+        raw = self._field(_CODEC)
+        return raw.decode(errors="replace") if raw is not None else None
+
+    @property
+    def raw_body(self) -> bytes | None:
+        """The encoded body as stored, or None for an event without a body."""
+        return self._field(_BODY)
+
+    @property
+    def body(self) -> Any:
+        """The decoded body (None for meta-only events)."""
+        if self._body is _UNSET:
+            self._body = self._decode(None)
+        return self._body
+
+    def decode(self, into: type[T]) -> T:
+        """Decode the body into ``into`` (a dataclass, msgspec Struct, pydantic model, ...)."""
+        result: T = self._decode(into)
+        return result
+
+    def _decode(self, into: type[Any] | None) -> Any:
+        raw = self._field(_BODY)
+        if raw is None:
+            if into is None:
+                return None
+            raise self._fail(f"the event has no body to decode into {into.__name__}")
+        codec_name = self.codec
+        if codec_name is None:
+            raise self._fail(f"the entry has a {BODY_FIELD} field but no {CODEC_FIELD}")
+        codec = CODECS.get(codec_name)
+        if codec is None:
+            raise self._fail(f"unknown codec {codec_name!r}")
+        try:
+            return codec.decode(raw, into)
+        except Exception as exc:
+            target = f" into {into.__name__}" if into is not None else ""
+            raise self._fail(f"cannot decode the {codec_name} body{target}: {exc}") from exc

