@@ -23,10 +23,7 @@ _POOL_KEYS = ("redis", "streams")
 
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
     """Return (text, name for messages) for YAML text or a path to a YAML file."""
-    is_path = isinstance(source, os.PathLike) or (
-        "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
-    )
-    if not is_path:
+    if not (isinstance(source, os.PathLike) or _looks_like_path(source)):
         return str(source), "<yaml>"
     path = Path(source)
     try:
@@ -35,6 +32,17 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+
+
+def _looks_like_path(source: str) -> bool:
+    if "\n" in source:
+        return False
+    if source.endswith((".yaml", ".yml")):
+        return True
+    try:
+        return Path(source).is_file()
+    except (OSError, ValueError):  # e.g. one line of YAML longer than a file name may be
+        return False
 
 
 def _line(name: str, node: yaml.Node) -> str:
@@ -126,9 +134,9 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
                 problems.append(f"{stream_where}: a stream name must be a plain string")
                 continue
             groups = _groups(groups_node)
-            if groups is None:
+            if isinstance(groups, yaml.Node):
                 problems.append(
-                    f"{_line(name, groups_node)}: stream {stream}: expected a list of "
+                    f"{_line(name, groups)}: stream {stream}: expected a list of "
                     "consumer group names"
                 )
                 continue
@@ -142,15 +150,17 @@ def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _groups(node: yaml.Node) -> tuple[object, ...] | None:
+def _groups(node: yaml.Node) -> tuple[object, ...] | yaml.Node:
+    """The group names of a stream, or the offending node when it is not a list of them."""
     if _is_null(node):
         return ()
     if not isinstance(node, yaml.SequenceNode):
-        return None
+        return node
     groups: list[object] = []
+    item: yaml.Node
     for item in node.value:
         text = _scalar(item)
         if text is None:
-            return None
+            return item
         groups.append(text)
     return tuple(groups)

@@ -35,7 +35,7 @@ DEFAULT_POOL = "default"
 DEFAULT_DATA_DIR = ".streambroker"
 MAX_NAME_LENGTH = 128
 
-_BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f*?\[\]]")
+_BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f*?\[\]]")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\s]+)):(?P<port>[^:]+)(?::(?P<db>.*))?")
 
@@ -59,6 +59,10 @@ def check_name(kind: str, name: object) -> str | None:
             f"{kind} name {name!r} holds {bad.group()!r}: names may not hold whitespace, "
             "control characters or glob characters (*?[])"
         )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{kind} name {name!r} is not valid Unicode text (it holds a lone surrogate)"
     return None
 
 
@@ -263,7 +267,7 @@ def _check_stream(s: _StreamEntry, pools: Mapping[str, PoolSpec]) -> list[str]:
 
 
 def _parse_int(text: str, what: str, minimum: int, maximum: int | None = None) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{what} {text!r} is not a number")
     value = int(text)
     if value < minimum or (maximum is not None and value > maximum):
@@ -277,10 +281,16 @@ def _parse_address(pool: str, address: object, db: object, data_dir: object) -> 
     if not isinstance(address, str) or not address.strip():
         raise ValueError(f"address must be a non-empty string, got {address!r}")
     if address == "embedded" or address.startswith("embedded:"):
-        directory = address.partition(":")[2] or data_dir or DEFAULT_DATA_DIR
+        address_dir = address.partition(":")[2]
+        directory = address_dir or data_dir or DEFAULT_DATA_DIR
         if not isinstance(directory, str | os.PathLike):
             raise ValueError(f"data_dir {directory!r} is not a path")
         resolved = str(Path(directory).expanduser().resolve())
+        if address_dir and data_dir is not None and _resolve_dir(data_dir) != resolved:
+            raise ValueError(
+                f"the address selects data directory {address_dir!r} "
+                f"but data_dir={data_dir!r} was given"
+            )
         return PoolSpec(pool, "embedded", db=db or 0, data_dir=resolved)
     if data_dir is not None:
         raise ValueError("data_dir applies only to the embedded server")
@@ -313,9 +323,14 @@ def _check_url(parts: SplitResult) -> int | None:
     if not parts.hostname:
         raise ValueError(f"the URL {_mask_url(parts.geturl())!r} has no host")
     path = parts.path.strip("/")
-    if path:
-        return _parse_int(path, "db", 0)
-    return _parse_int(query_db[0], "db", 0) if query_db else None
+    path_db = _parse_int(path, "db", 0) if path else None
+    if not query_db:
+        return path_db
+    # redis-py lets ?db= win over the path; refuse a URL that says both, differently.
+    url_db = _parse_int(query_db[0], "db", 0)
+    if path_db is not None and path_db != url_db:
+        raise ValueError(f"the URL selects db {path_db} in its path but db={url_db} in its query")
+    return url_db
 
 
 def _parse_host_port(pool: str, address: str, db: object) -> PoolSpec:
@@ -336,6 +351,26 @@ def _parse_host_port(pool: str, address: str, db: object) -> PoolSpec:
     return PoolSpec(pool, "tcp", db=chosen or 0, host=host, port=port)
 
 
+def _resolve_dir(directory: object) -> str | None:
+    if not isinstance(directory, str | os.PathLike):
+        return None
+    return str(Path(directory).expanduser().resolve())
+
+
 def _mask_url(url: str) -> str:
-    """Replace the password of a URL by ``***``."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """Replace the password of a URL by ``***``, in its user info and in its query.
+
+    The user info ends at the last ``@`` of the authority, as in :func:`urlsplit`
+    (so a password holding ``@`` is masked whole); redis-py also reads ``password=``
+    from the query.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    tail = re.sub(r"([?&;]password=)[^&;#]*", r"\1***", tail, flags=re.IGNORECASE)
+    return f"{scheme}://{authority}{tail}"

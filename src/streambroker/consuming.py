@@ -69,6 +69,7 @@ class ConsumerCore:
             self._block_ms = min(self._block_ms, MULTI_POOL_BLOCK_MS)
         # Where each stream is read from: "0" and then the last pending id seen while
         # re-reading this consumer's own pending events, ">" (new events) after that.
+        # Every consume() starts by re-reading.
         self._cursor: dict[str, str] = {spec.name: "0" for spec in self.streams}
         self._acks: dict[str, dict[str, list[str]]] = {pool: {} for pool in self._by_pool}
         self.stopping = False
@@ -90,6 +91,7 @@ class ConsumerCore:
         """
         self.check_count(count)
         yield from self.core.ensure_groups(self._by_pool)
+        self._cursor = dict.fromkeys(self._cursor, "0")
         handled = 0
         try:
             while True:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import DEFAULT_DATA_DIR
 from .errors import EmbeddedServerError
@@ -63,7 +65,11 @@ class EmbeddedServer:
         return self.data_dir / "valkey.log"
 
     def _client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=2.0)
+        # No retries: redis-py would otherwise retry (with backoff) a ping to a dead
+        # socket, and re-send SHUTDOWN after the server closed the connection.
+        return redis.Redis(
+            unix_socket_path=self.socket_path, socket_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
 
     def is_running(self) -> bool:
         """Whether a server answers on this data directory's socket."""
