@@ -65,9 +65,7 @@ def test_event_published_before_any_consumer_reaches_every_group(broker: sb.Brok
         assert [(e.id, e.body) for e in recorder.events] == [(first, "before")]
 
 
-def test_batch_sends_everything_on_exit_in_publish_order(
-    broker: sb.Broker, server: Server
-) -> None:
+def test_batch_sends_everything_on_exit_in_publish_order(broker: sb.Broker, server: Server) -> None:
     with broker.batch() as batch:
         for n in range(5):
             batch.publish("stream-a", n)
@@ -83,9 +81,15 @@ def test_batch_sends_everything_on_exit_in_publish_order(
 
 
 def test_batch_that_raises_sends_nothing(broker: sb.Broker, server: Server) -> None:
-    with pytest.raises(RuntimeError, match="boom"), broker.batch() as batch:
-        batch.publish("stream-a", "x")
-        raise RuntimeError("boom")
+    batch = broker.batch()
+
+    def publish_then_fail() -> None:
+        with batch:
+            batch.publish("stream-a", "x")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        publish_then_fail()
     assert batch.ids == []
     assert server.client().exists("stream-a") == 0
 
@@ -274,15 +278,11 @@ def _check_group_across_pools(config: sb.ValidatedRegistry) -> None:
 
 
 def test_group_reading_streams_in_two_pools(server: Server) -> None:
-    _check_group_across_pools(
-        _two_pool_config(f"{server.address}:1", f"{server.address}:2")
-    )
+    _check_group_across_pools(_two_pool_config(f"{server.address}:1", f"{server.address}:2"))
 
 
 def test_group_reading_streams_on_two_servers(valkey: Server, redis_server: Server) -> None:
-    _check_group_across_pools(
-        _two_pool_config(f"{valkey.address}:0", f"{redis_server.address}:0")
-    )
+    _check_group_across_pools(_two_pool_config(f"{valkey.address}:0", f"{redis_server.address}:0"))
 
 
 def test_blocking_read_across_two_pools_delivers_from_either(
@@ -338,9 +338,11 @@ def test_wrong_password_is_an_authentication_error_without_the_password(
     registry = sb.Registry()
     registry.register_redis(f"redis://nobody:s3cr3t-pw@{server.address}/0", pool="locked")
     registry.register_stream("s", "locked", ["g"])
-    with registry.validate().broker() as broker:
-        with pytest.raises(sb.PoolAuthenticationError) as caught:
-            broker.publish("s", "x")
+    with (
+        registry.validate().broker() as broker,
+        pytest.raises(sb.PoolAuthenticationError) as caught,
+    ):
+        broker.publish("s", "x")
     assert "s3cr3t-pw" not in str(caught.value)
     assert "locked" in str(caught.value)
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
+from . import gc
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
@@ -70,13 +71,23 @@ class Broker:
         name: str = DEFAULT_CONSUMER,
         *,
         block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
+        collect: bool = True,
     ) -> Consumer:
         """A consumer named ``name`` of the registered consumer group ``group``.
 
         ``block_timeout`` (seconds) is the longest a blocking read waits before the
-        consumer looks again whether it was stopped.
+        consumer looks again whether it was stopped. With ``collect`` (the default),
+        each acknowledgement also removes the events every group has acknowledged.
         """
-        return Consumer(self, ConsumerCore(self._core, group, name, block_timeout))
+        return Consumer(self, ConsumerCore(self._core, group, name, block_timeout, collect))
+
+    def collect_garbage(self, *streams: str) -> dict[str, int]:
+        """Remove the events every registered group acknowledged, now.
+
+        Collects the given streams, or all registered streams; returns how many events
+        were removed from each.
+        """
+        return self._driver.run(gc.collect(self._core, streams))
 
     def close(self) -> None:
         """Close every connection of this broker."""

@@ -4,7 +4,9 @@ A consumer first re-reads its own pending events (delivered to it earlier, never
 acknowledged), stream by stream, then new ones (``>``). Each pool is read with one
 ``XREADGROUP`` over its streams of the group; the pools are read in parallel and
 the results merged in id order. Acknowledgements of a batch ride in the same
-round trip as the next read of the pool, and are flushed before ``consume`` returns.
+round trip as the next read of the pool, and are flushed before ``consume`` returns;
+each stream's acknowledgement is followed by its garbage collection (``gc``), in the
+same round trip.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .config import StreamSpec, check_name
 from .core import BrokerCore
 from .errors import BrokerError, InvalidArgumentError
 from .events import Event
+from .gc import collect_command
 
 __all__ = ["DEFAULT_BLOCK_TIMEOUT", "ConsumerCore"]
 
@@ -44,6 +47,7 @@ class ConsumerCore:
         group: str,
         name: str,
         block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
+        collect: bool = True,
     ) -> None:
         problem = check_name("consumer", name)
         if problem:
@@ -73,6 +77,8 @@ class ConsumerCore:
         self._cursor: dict[str, str] = {spec.name: "0" for spec in self.streams}
         self._acks: dict[str, dict[str, list[str]]] = {pool: {} for pool in self._by_pool}
         self.stopping = False
+        #: Whether acknowledging also removes what every group has acknowledged.
+        self.collect = collect
 
     def check_count(self, count: object) -> int:
         """``count`` as a valid batch size, else :class:`InvalidArgumentError`."""
@@ -137,9 +143,14 @@ class ConsumerCore:
             self._acks[pools[event.stream].pool].setdefault(event.stream, []).append(event.id)
 
     def _ack_commands(self, pool: str) -> list[Command]:
-        return [
-            ("XACK", stream, self.group, *ids) for stream, ids in self._acks[pool].items() if ids
-        ]
+        """The pool's pending acknowledgements, each followed by a collection of its stream."""
+        commands: list[Command] = []
+        for stream, ids in self._acks[pool].items():
+            if ids:
+                commands.append(("XACK", stream, self.group, *ids))
+                if self.collect:
+                    commands.append(collect_command(self.core, stream))
+        return commands
 
     def _flush_acks(self) -> Op[None]:
         sends = [
