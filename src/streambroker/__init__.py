@@ -7,14 +7,17 @@ Register pools and streams in a :class:`Registry` (or YAML), validate it, make a
 from .broker import Batch, Broker, Consumer, Handler
 from .codecs import Codec
 from .config import PoolSpec, Registry, StreamSpec, ValidatedRegistry
+from .deadletters import DeadLetter
 from .embedded import EmbeddedServer
 from .errors import (
     BrokerError,
     ConfigError,
+    ConsumerBusyError,
     DecodeError,
     EmbeddedServerError,
     EncodeError,
     InvalidArgumentError,
+    LeaseLostError,
     PayloadError,
     PayloadTooLargeError,
     PoolAuthenticationError,
@@ -35,6 +38,8 @@ __all__ = [
     "Codec",
     "ConfigError",
     "Consumer",
+    "ConsumerBusyError",
+    "DeadLetter",
     "DecodeError",
     "EmbeddedServer",
     "EmbeddedServerError",
@@ -42,6 +47,7 @@ __all__ = [
     "Event",
     "Handler",
     "InvalidArgumentError",
+    "LeaseLostError",
     "PayloadError",
     "PayloadTooLargeError",
     "PoolAuthenticationError",

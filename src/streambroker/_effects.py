@@ -8,7 +8,7 @@ throws the error into the generator. No logic lives in an I/O layer.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,12 +56,25 @@ class Parallel:
 
 @dataclass(frozen=True, slots=True)
 class Handle:
-    """Call the user's handler with ``events``; the result is what it returned."""
+    """Call the user's handler with ``events``; the result is what it returned.
+
+    While the handler runs, the I/O layer runs the operation ``heartbeat()`` every
+    ``interval`` seconds (concurrently), when one is given.
+    """
 
     events: list[Event]
+    heartbeat: Callable[[], Op[None]] | None = None
+    interval: float = 0.0
 
 
-Effect = Send | Parallel | Handle
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds``, or less if the consumer is stopped meanwhile."""
+
+    seconds: float
+
+
+Effect = Send | Parallel | Handle | Sleep
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,10 +66,13 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{name}{line}: invalid YAML: {exc.problem or exc}") from None
+        context = ""
+        if exc.problem and exc.context and exc.context_mark and exc.context_mark is not mark:
+            context = f" ({exc.context} on line {exc.context_mark.line + 1})"
+        raise ConfigError(f"{name}{line}: invalid YAML: {exc.problem or exc}{context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{name}: invalid YAML: {exc}") from None
-    if root is None:
+    if root is None or _is_null(root):
         raise ConfigError(f"{name}: the config is empty; expected a mapping of pool names")
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(
@@ -116,7 +119,7 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
                 )
             else:
                 registry._pools.append(
-                    _PoolEntry(pool, address, None, None, _line(name, fields["redis"]))
+                    _PoolEntry(pool, address, None, None, _line(name, fields["redis"]), where)
                 )
         streams_node = fields.get("streams")
         if streams_node is None or _is_null(streams_node):
@@ -140,7 +143,11 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
                     "consumer group names"
                 )
                 continue
-            registry._streams.append(_StreamEntry(stream, pool, groups, stream_where))
+            items = groups_node.value if isinstance(groups_node, yaml.SequenceNode) else []
+            group_origins = tuple(_line(name, item) for item in items)
+            registry._streams.append(
+                _StreamEntry(stream, pool, groups, stream_where, group_origins)
+            )
     if problems:
         raise ConfigError(problems)
     return registry

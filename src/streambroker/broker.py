@@ -6,16 +6,21 @@ synchronous I/O layer; no broker logic lives here.
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Callable, Mapping
-from types import TracebackType
+from contextlib import nullcontext
+from types import FrameType, TracebackType
 from typing import Any
 
-from . import gc
+from . import consuming, deadletters, gc
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
-from .consuming import DEFAULT_BLOCK_TIMEOUT, ConsumerCore
+from .consuming import ConsumerCore, ConsumerOptions
 from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore
+from .deadletters import DeadLetter
 from .events import Event
 from .publishing import BatchBuffer, publish
 
@@ -25,6 +30,8 @@ __all__ = ["Batch", "Broker", "Consumer", "Handler"]
 Handler = Callable[[list[Event]], object]
 
 DEFAULT_CONSUMER = "consumer-1"
+
+log = logging.getLogger("streambroker.consumer")
 
 
 class Broker:
@@ -70,16 +77,31 @@ class Broker:
         group: str,
         name: str = DEFAULT_CONSUMER,
         *,
-        block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
+        block_timeout: float = 1.0,
         collect: bool = True,
+        retry_after: float = 30.0,
+        lease: float = 30.0,
+        max_deliveries: int = 5,
+        retry_delay: float = 1.0,
     ) -> Consumer:
         """A consumer named ``name`` of the registered consumer group ``group``.
 
-        ``block_timeout`` (seconds) is the longest a blocking read waits before the
-        consumer looks again whether it was stopped. With ``collect`` (the default),
-        each acknowledgement also removes the events every group has acknowledged.
+        - ``block_timeout``: the longest a blocking read waits before the consumer
+          looks again whether it was stopped (seconds).
+        - ``collect``: acknowledging also removes the events every group acknowledged.
+        - ``retry_after``: pending events idle this long (their consumer crashed or
+          hangs) are taken over by a live consumer of the group (seconds).
+        - ``lease``: how long a consumer name stays taken after its process died.
+        - ``max_deliveries``: deliveries after which a failing event is set aside as a
+          dead letter.
+        - ``retry_delay``: back-off before a failed event is delivered again; doubles
+          with each delivery, jittered, up to ``retry_after``.
         """
-        return Consumer(self, ConsumerCore(self._core, group, name, block_timeout, collect))
+        options = ConsumerOptions(
+            block_timeout, collect, retry_after, lease, max_deliveries, retry_delay
+        )
+        core = ConsumerCore(self._core, group, name, options, self._driver.options.socket_timeout)
+        return Consumer(self, core)
 
     def collect_garbage(self, *streams: str) -> dict[str, int]:
         """Remove the events every registered group acknowledged, now.
@@ -88,6 +110,26 @@ class Broker:
         were removed from each.
         """
         return self._driver.run(gc.collect(self._core, streams))
+
+    def dead_letters(self, stream: str, group: str, limit: int = 1000) -> list[DeadLetter]:
+        """The dead letters ``group`` set aside from ``stream``, oldest first."""
+        return self._driver.run(deadletters.list_dead_letters(self._core, stream, group, limit))
+
+    def replay_dead_letters(self, stream: str, group: str) -> int:
+        """Deliver ``group``'s dead letters from ``stream`` again, to that group only.
+
+        Returns how many were put back; they leave the dead letters.
+        """
+        return self._driver.run(deadletters.replay_dead_letters(self._core, stream, group))
+
+    def remove_consumer(self, group: str, name: str, to: str | None = None) -> int:
+        """Delete a stopped consumer from its group, without losing its pending events.
+
+        They are moved to ``to``, or to a live consumer of the group, first; returns
+        how many were moved. Refuses while the consumer runs, and when it holds
+        pending events that nobody can take.
+        """
+        return self._driver.run(consuming.remove_consumer(self._core, group, name, to))
 
     def close(self) -> None:
         """Close every connection of this broker."""
@@ -152,6 +194,7 @@ class Consumer:
     def __init__(self, broker: Broker, core: ConsumerCore) -> None:
         self._driver = broker._driver
         self._core = core
+        self._wake = threading.Event()
 
     def __repr__(self) -> str:
         return f"Consumer(group={self.group!r}, name={self.name!r})"
@@ -166,17 +209,32 @@ class Consumer:
         """This consumer's name within its group."""
         return self._core.name
 
-    def consume(self, handler: Handler, count: int = 10, *, block: bool = True) -> int:
+    def consume(
+        self,
+        handler: Handler,
+        count: int = 10,
+        *,
+        block: bool = True,
+        handle_signals: bool | None = None,
+    ) -> int:
         """Hand the group's events to ``handler``, at most ``count`` per call.
 
         With ``block=True`` it waits for new events until :meth:`stop` is called; with
         ``block=False`` it handles what is available now and returns. Events the
-        handler did not :meth:`~Event.ack` are acknowledged when it returns; if it
-        raises, those stay pending (delivered again) and the error propagates.
-        Returns the number of events handled.
+        handler did not :meth:`~Event.ack` or :meth:`~Event.fail` are acknowledged when
+        it returns; if it raises, those stay pending (delivered again) and the error
+        propagates. Returns the number of events handled.
+
+        Only one process at a time may consume under one group and name
+        (:class:`ConsumerBusyError`). ``handle_signals`` (default: when called in the
+        main thread) makes SIGTERM and SIGINT stop the consumer gracefully.
         """
         self._core.check_count(count)
-        return self._driver.run(self._core.consume(count, block), handler)
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
+        self._wake.clear()
+        with _StopOnSignals(self) if handle_signals else nullcontext():
+            return self._driver.run(self._core.consume(count, block), handler, self._wake)
 
     def stop(self) -> None:
         """Make a running :meth:`consume` return once the batch in hand is handled.
@@ -184,3 +242,40 @@ class Consumer:
         Safe to call from another thread or a signal handler.
         """
         self._core.stopping = True
+        self._wake.set()
+
+    def claim(self, from_name: str, to_name: str, *, force: bool = False) -> int:
+        """Move every pending event of consumer ``from_name`` to ``to_name``.
+
+        For scaling down by hand; refuses while ``from_name`` runs unless ``force``.
+        Returns how many events were moved.
+        """
+        return self._driver.run(
+            consuming.claim(self._core.core, self.group, from_name, to_name, force)
+        )
+
+
+class _StopOnSignals:
+    """Within the block, SIGTERM and SIGINT stop the consumer instead of killing it."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+        self._previous: dict[int, Any] = {}
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        log.info(
+            "%s: %s received, stopping after the batch in hand",
+            self._consumer,
+            signal.Signals(signum).name,
+        )
+        self._consumer.stop()
+
+    def __enter__(self) -> None:
+        for sig in self._SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._stop)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .config import DEFAULT_DATA_DIR
@@ -22,7 +23,8 @@ app = typer.Typer(
 server_app = typer.Typer(help="The embedded server.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 
-console = Console()
+# soft_wrap: a long path is printed on one line, not folded at the terminal's width.
+console = Console(soft_wrap=True)
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Data directory of the embedded server.")]
 
@@ -35,7 +37,9 @@ def demo(
     """Run the seed example (three streams, three groups) on the embedded server."""
     from .demo import run_demo
 
-    console.print(f"Embedded server in [bold]{data_dir}[/] (stop it: streambroker server stop)")
+    console.print(
+        f"Embedded server in [bold]{escape(str(data_dir))}[/] (stop it: streambroker server stop)"
+    )
     result = run_demo(data_dir, events)
     table = Table(title="streambroker demo")
     table.add_column("group")
@@ -54,7 +58,7 @@ def demo(
 def server_start(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
     """Start the embedded server (or find it running)."""
     socket = EmbeddedServer(data_dir).start()
-    console.print(f"running on unix socket {socket}")
+    console.print(f"running on unix socket {escape(socket)}")
 
 
 @server_app.command("stop")
@@ -69,7 +73,7 @@ def server_status(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
     """Tell whether the embedded server runs (exit code 0) or not (3)."""
     server = EmbeddedServer(data_dir)
     if server.is_running():
-        console.print(f"running on unix socket {server.socket_path}")
+        console.print(f"running on unix socket {escape(server.socket_path)}")
     else:
         console.print("not running")
         raise typer.Exit(3)

@@ -141,7 +141,8 @@ class _PoolEntry:
     address: object
     db: object
     data_dir: object
-    origin: str | None
+    origin: str | None  # where the address is (YAML file:line), for address problems
+    name_origin: str | None = None  # where the pool's name is, when not at ``origin``
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class _StreamEntry:
     pool: object
     groups: tuple[object, ...] | object
     origin: str | None
+    group_origins: tuple[str, ...] = ()  # where each group is, when known
 
 
 class Registry:
@@ -191,16 +193,24 @@ class Registry:
         """
         problems: list[str] = []
         pools: dict[str, PoolSpec] = {}
+        # Names registered so far, valid or not: a repeat is reported even when the
+        # first registration has a problem of its own.
+        pool_names: set[str] = set()
+        bad_pool_names: set[str] = set()  # reported already; streams in them are not blamed
         for entry in self._pools:
             where = f"{entry.origin}: " if entry.origin else ""
+            name_where = f"{entry.name_origin}: " if entry.name_origin else where
             problem = check_name("redis pool", entry.name)
             if problem:
-                problems.append(where + problem)
+                problems.append(name_where + problem)
+                if isinstance(entry.name, str):
+                    bad_pool_names.add(entry.name)
                 continue
             assert isinstance(entry.name, str)
-            if entry.name in pools:
-                problems.append(f"{where}redis pool {entry.name} is already registered")
+            if entry.name in pool_names:
+                problems.append(f"{name_where}redis pool {entry.name} is already registered")
                 continue
+            pool_names.add(entry.name)
             try:
                 pools[entry.name] = _parse_address(
                     entry.name, entry.address, entry.db, entry.data_dir
@@ -209,6 +219,7 @@ class Registry:
                 problems.append(f"{where}redis pool {entry.name}: {exc}")
 
         streams: dict[str, StreamSpec] = {}
+        stream_names: set[str] = set()
         for s in self._streams:
             where = f"{s.origin}: " if s.origin else ""
             problem = check_name("stream", s.name)
@@ -216,11 +227,12 @@ class Registry:
                 problems.append(where + problem)
                 continue
             assert isinstance(s.name, str)
-            if s.name in streams:
+            if s.name in stream_names:
                 problems.append(f"{where}stream with name {s.name} already exists")
                 continue
-            stream_problems = _check_stream(s, pools)
-            problems.extend(where + p for p in stream_problems)
+            stream_names.add(s.name)
+            stream_problems = _check_stream(s, pool_names, bad_pool_names)
+            problems.extend(stream_problems)
             if not stream_problems:
                 assert isinstance(s.pool, str)
                 assert isinstance(s.groups, tuple)
@@ -241,27 +253,33 @@ class Registry:
         return load_registry(cls(), source)
 
 
-def _check_stream(s: _StreamEntry, pools: Mapping[str, PoolSpec]) -> list[str]:
+def _check_stream(s: _StreamEntry, pools: set[str], bad_pools: set[str]) -> list[str]:
+    """The problems of one stream, each prefixed with where it is (when known)."""
+    where = f"{s.origin}: " if s.origin else ""
     problems = []
     pool_problem = check_name("redis pool", s.pool)
     if pool_problem:
-        problems.append(f"stream {s.name}: {pool_problem}")
+        if not (isinstance(s.pool, str) and s.pool in bad_pools):
+            problems.append(f"{where}stream {s.name}: {pool_problem}")
     elif s.pool not in pools:
-        problems.append(f"stream {s.name}: redis pool {s.pool} is not registered")
+        problems.append(f"{where}stream {s.name}: redis pool {s.pool} is not registered")
     if not isinstance(s.groups, tuple):
         problems.append(
-            f"stream {s.name}: consumer groups must be a list of names, got {s.groups!r}"
+            f"{where}stream {s.name}: consumer groups must be a list of names, got {s.groups!r}"
         )
         return problems
     if not s.groups:
-        problems.append(f"stream {s.name} has no consumer groups")
-    seen: set[object] = set()
-    for group in s.groups:
+        problems.append(f"{where}stream {s.name} has no consumer groups")
+    seen: set[str] = set()
+    for index, group in enumerate(s.groups):
+        at = f"{s.group_origins[index]}: " if index < len(s.group_origins) else where
         problem = check_name("consumer group", group)
         if problem:
-            problems.append(f"stream {s.name}: {problem}")
-        elif group in seen:
-            problems.append(f"stream {s.name}: consumer group {group} is listed twice")
+            problems.append(f"{at}stream {s.name}: {problem}")
+            continue
+        assert isinstance(group, str)
+        if group in seen:
+            problems.append(f"{at}stream {s.name}: consumer group {group} is listed twice")
         seen.add(group)
     return problems
 

@@ -1,36 +1,130 @@
-"""Consuming a group's streams: reading, merging, handing to the handler, acking. I/O-free.
+"""Consuming a group's streams: the consumer's state machine, free of I/O.
 
-A consumer first re-reads its own pending events (delivered to it earlier, never
-acknowledged), stream by stream, then new ones (``>``). Each pool is read with one
-``XREADGROUP`` over its streams of the group; the pools are read in parallel and
-the results merged in id order. Acknowledgements of a batch ride in the same
-round trip as the next read of the pool, and are flushed before ``consume`` returns;
-each stream's acknowledgement is followed by its garbage collection (``gc``), in the
-same round trip.
+One step of a consumer is one round trip per pool (the pools in parallel), which
+carries, in order: the acknowledgements and dead letters of the last batch, each
+followed by a garbage collection of its stream; the lease renewal; the retries that
+are due; a reclaim of events idle longer than ``retry_after`` (now and then); the
+consumer's own pending events (when it starts); and an ``XREADGROUP`` of new events
+over the group's streams in that pool. The events are merged in id order and handed
+to the handler in batches of at most ``count``.
+
+Each stream a group reads has a replay stream for that group (dead letters put
+back); consumers read it as part of the stream.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._effects import Command, Handle, Op, Parallel, Send
-from .config import StreamSpec, check_name
+from ._effects import Command, Handle, Op, Parallel, Send, Sleep, single
+from .backoff import backoff
+from .config import check_name
 from .core import BrokerCore
-from .errors import BrokerError, InvalidArgumentError
+from .deadletters import dead_letter_command
+from .delivery import ack_owned_command as _ack_owned
+from .delivery import (
+    claim_all_command,
+    own_pending_command,
+    reclaim_command,
+    retry_command,
+    touch_command,
+)
+from .errors import (
+    BrokerError,
+    ConsumerBusyError,
+    InvalidArgumentError,
+    LeaseLostError,
+    PoolConnectionError,
+    ServerReplyError,
+)
 from .events import Event
 from .gc import collect_command
+from .keys import lease_key, replay_key
+from .leases import acquire_command, release_command, renew_command
 
-__all__ = ["DEFAULT_BLOCK_TIMEOUT", "ConsumerCore"]
+__all__ = ["ConsumerCore", "ConsumerOptions", "claim", "remove_consumer"]
 
 log = logging.getLogger("streambroker.consumer")
 
-DEFAULT_BLOCK_TIMEOUT = 1.0
 #: Blocking time per read when a group spans several pools, read in parallel: a
 #: pool that has events answers at once, and this bounds how long the others hold
 #: the batch back.
-MULTI_POOL_BLOCK_MS = 100
-_NEW = ">"
+MULTI_POOL_BLOCK = 0.1
+#: Connection failures in a row after which a one-shot ``consume`` gives up.
+ONE_SHOT_ATTEMPTS = 5
+#: The longest wait between reconnection attempts (seconds).
+MAX_RECONNECT_DELAY = 5.0
+#: An event acknowledged sooner than this share of ``retry_after`` after it was read
+#: cannot have been reclaimed, so its acknowledgement skips the ownership check.
+_SAFE_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class ConsumerOptions:
+    """How a consumer waits, retries and reclaims (all times in seconds).
+
+    - ``block_timeout``: longest wait of one blocking read (and so, of ``stop()``).
+    - ``collect``: remove events every group acknowledged, as acknowledgements go out.
+    - ``retry_after``: a pending event idle this long (its consumer crashed or hangs)
+      is taken over by a live consumer of the group.
+    - ``lease``: a consumer name stays taken this long after its process died.
+    - ``max_deliveries``: deliveries after which a failing event becomes a dead letter.
+    - ``retry_delay``: back-off before the first retry of a failed event; it doubles
+      with each delivery (jittered), up to ``retry_after``.
+    """
+
+    block_timeout: float = 1.0
+    collect: bool = True
+    retry_after: float = 30.0
+    lease: float = 30.0
+    max_deliveries: int = 5
+    retry_delay: float = 1.0
+
+    def check(self, group: str, name: str, socket_timeout: float) -> None:
+        """Raise :class:`InvalidArgumentError` naming the consumer for a bad option."""
+
+        def fail(message: str) -> None:
+            raise InvalidArgumentError(f"consumer {name} of group {group}: {message}")
+
+        for option in ("block_timeout", "retry_after", "lease", "retry_delay"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                fail(f"{option} must be a positive number of seconds, got {value!r}")
+        if self.block_timeout >= socket_timeout:
+            fail(
+                f"block_timeout ({self.block_timeout} s) must be shorter than the broker's "
+                f"socket_timeout ({socket_timeout} s)"
+            )
+        deliveries = self.max_deliveries
+        if isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1:
+            fail(f"max_deliveries must be an integer >= 1, got {deliveries!r}")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One stream key a consumer reads: a registered stream, or its replay stream."""
+
+    stream: str
+    key: str
+    pool: str
+    groups: tuple[str, ...]
+
+
+@dataclass
+class _Outgoing:
+    """Commands waiting for the next round trip to a pool, with what their replies mean."""
+
+    acks: dict[str, list[str]] = field(default_factory=dict)
+    checked_acks: dict[str, list[str]] = field(default_factory=dict)
+    dead: list[tuple[str, Command]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.acks or self.checked_acks or self.dead)
 
 
 def _id_key(event: Event) -> tuple[int, int]:
@@ -46,39 +140,47 @@ class ConsumerCore:
         core: BrokerCore,
         group: str,
         name: str,
-        block_timeout: float = DEFAULT_BLOCK_TIMEOUT,
-        collect: bool = True,
+        options: ConsumerOptions,
+        socket_timeout: float,
     ) -> None:
         problem = check_name("consumer", name)
         if problem:
             raise InvalidArgumentError(f"consumer group {group}: {problem}")
-        if (
-            isinstance(block_timeout, bool)
-            or not isinstance(block_timeout, int | float)
-            or (not 0 < block_timeout <= 60)
-        ):
-            raise InvalidArgumentError(
-                f"consumer {name} of group {group}: block_timeout must be between 0 and 60 "
-                f"seconds, got {block_timeout!r}"
-            )
+        streams = core.group_streams(group)
+        options.check(group, name, socket_timeout)
         self.core = core
         self.group = group
         self.name = name
-        self.streams: tuple[StreamSpec, ...] = core.group_streams(group)
-        self._by_pool: dict[str, list[str]] = {}
-        for spec in self.streams:
-            self._by_pool.setdefault(spec.pool, []).append(spec.name)
-        self._block_ms = max(1, int(block_timeout * 1000))
+        self.options = options
+        sources = []
+        for spec in streams:
+            sources.append(_Source(spec.name, spec.name, spec.pool, spec.groups))
+            sources.append(_Source(spec.name, replay_key(spec.name, group), spec.pool, (group,)))
+        self._sources = {source.key: source for source in sources}
+        self._by_pool: dict[str, list[_Source]] = {}
+        for source in sources:
+            self._by_pool.setdefault(source.pool, []).append(source)
+        self._lease_pool = streams[0].pool
+        self._block = options.block_timeout
         if len(self._by_pool) > 1:
-            self._block_ms = min(self._block_ms, MULTI_POOL_BLOCK_MS)
-        # Where each stream is read from: "0" and then the last pending id seen while
-        # re-reading this consumer's own pending events, ">" (new events) after that.
-        # Every consume() starts by re-reading.
-        self._cursor: dict[str, str] = {spec.name: "0" for spec in self.streams}
-        self._acks: dict[str, dict[str, list[str]]] = {pool: {} for pool in self._by_pool}
+            self._block = min(self._block, MULTI_POOL_BLOCK)
+        self._reclaim_every = max(0.05, options.retry_after / 2)
+        self._heartbeat_every = min(options.retry_after, options.lease) / 3
+        self._token = ""
+        # Per key: where re-reading this consumer's own pending events goes on ("-"
+        # or "(id"); keys without an entry read new events.
+        self._own: dict[str, str] = {}
+        self._reclaim_cursor = dict.fromkeys(self._sources, "0-0")
+        self._reclaim_at = 0.0
+        self._renew_at = 0.0
+        self._retries: dict[str, dict[str, float]] = {}
+        self._outgoing = {pool: _Outgoing() for pool in self._by_pool}
+        self._in_hand: list[Event] = []
+        self._lost: set[tuple[str, str]] = set()
+        self._lease_lost = False
         self.stopping = False
-        #: Whether acknowledging also removes what every group has acknowledged.
-        self.collect = collect
+
+    # -- the loop ---------------------------------------------------------------
 
     def check_count(self, count: object) -> int:
         """``count`` as a valid batch size, else :class:`InvalidArgumentError`."""
@@ -97,21 +199,39 @@ class ConsumerCore:
         """
         self.check_count(count)
         yield from self.core.ensure_groups(self._by_pool)
-        self._cursor = dict.fromkeys(self._cursor, "0")
+        yield from self._acquire()
         handled = 0
         try:
-            while True:
-                rereading = self._rereading()
-                events = yield from self._read(count, block and not self.stopping)
+            failures = 0
+            while not (self.stopping and failures):
+                reading_new = not self._own
+                try:
+                    events = yield from self._step(count, block and not self.stopping)
+                except (PoolConnectionError, ServerReplyError) as exc:
+                    failures += 1
+                    if not self._recoverable(exc) or (not block and failures >= ONE_SHOT_ATTEMPTS):
+                        raise
+                    delay = backoff(failures, 0.1, MAX_RECONNECT_DELAY)
+                    log.warning(
+                        "consumer %s of group %s: %s; trying again in %.1f s",
+                        self.name,
+                        self.group,
+                        exc,
+                        delay,
+                    )
+                    yield Sleep(delay)
+                    continue
+                failures = 0
                 if events:
                     handled += yield from self._handle(events, count)
-                elif not block and not rereading:
+                elif not block and reading_new and not self._due_retries(time.monotonic()):
                     break
                 if self.stopping:
                     break
+            yield from self._flush()
         except BaseException:
             try:
-                yield from self._flush_acks()
+                yield from self._flush()
             except BrokerError as exc:
                 log.warning(
                     "consumer %s of group %s: could not send acknowledgements (the events "
@@ -123,99 +243,407 @@ class ConsumerCore:
             raise
         finally:
             self.stopping = False
-        yield from self._flush_acks()
+            yield from self._release()
         return handled
+
+    def _recoverable(self, exc: BrokerError) -> bool:
+        """Whether a failed step is worth trying again (and prepare for it)."""
+        self._own = dict.fromkeys(self._sources, "-")  # replies may have been lost
+        self._reclaim_at = 0.0
+        if isinstance(exc, PoolConnectionError):
+            return True
+        if isinstance(exc, ServerReplyError) and "NOGROUP" in str(exc):
+            log.warning(
+                "consumer %s of group %s: a stream or the group vanished from redis pool %r "
+                "(the server lost data, or someone deleted it); recreating it",
+                self.name,
+                self.group,
+                exc.pool,
+            )
+            self.core.forget_groups(exc.pool)
+            return True
+        return False
+
+    def _acquire(self) -> Op[None]:
+        token = uuid.uuid4().hex
+        ttl = int(self.options.lease * 1000)
+        (reply,) = yield single(
+            self._lease_pool, *acquire_command(self.group, self.name, token, ttl)
+        )
+        if reply != 1:
+            raise ConsumerBusyError(
+                self.group,
+                self.name,
+                f"consumer {self.name!r} of group {self.group!r} is already running in another "
+                f"process (its lease expires in {-int(reply) / 1000:.1f} s unless renewed)",
+            )
+        self._token = token
+        self._lease_lost = False
+        self._renew_at = time.monotonic() + self.options.lease / 3
+        self._own = dict.fromkeys(self._sources, "-")
+        self._reclaim_at = 0.0
+
+    def _release(self) -> Op[None]:
+        if not self._token or self._lease_lost:
+            return
+        try:
+            yield single(self._lease_pool, *release_command(self.group, self.name, self._token))
+        except BrokerError as exc:
+            log.warning(
+                "consumer %s of group %s: could not release its lease: %s",
+                self.name,
+                self.group,
+                exc,
+            )
+        self._token = ""
+
+    # -- one round trip -----------------------------------------------------------
+
+    def _due_retries(self, now: float) -> dict[str, list[str]]:
+        return {
+            key: [event_id for event_id, due in ids.items() if due <= now]
+            for key, ids in self._retries.items()
+            if any(due <= now for due in ids.values())
+        }
+
+    def _outgoing_commands(self, pool: str) -> list[tuple[str, str, Command]]:
+        """(kind, key, command) for the acknowledgements and dead letters of ``pool``."""
+        out = self._outgoing[pool]
+        commands: list[tuple[str, str, Command]] = []
+        touched: dict[str, None] = {}
+        for key, ids in out.acks.items():
+            commands.append(("ack", key, ("XACK", key, self.group, *ids)))
+            touched[key] = None
+        for key, ids in out.checked_acks.items():
+            commands.append(("checked", key, _ack_owned(key, self.group, self.name, ids)))
+            touched[key] = None
+        for key, command in out.dead:
+            commands.append(("dead", key, command))
+            touched[key] = None
+        if self.options.collect:
+            for key in touched:
+                commands.append(("gc", key, collect_command(key, self._sources[key].groups)))
+        return commands
+
+    def _step(self, count: int, block: bool) -> Op[list[Event]]:
+        now = time.monotonic()
+        due = self._due_retries(now)
+        reclaim = now >= self._reclaim_at
+        renew = now >= self._renew_at
+        wait = 0.0
+        if block and not self._own and not due and not reclaim:
+            wait = min(self._block, self._reclaim_at - now, self._renew_at - now)
+            upcoming = [d for ids in self._retries.values() for d in ids.values()]
+            if upcoming:
+                wait = min(wait, min(upcoming) - now)
+        plans: list[list[tuple[str, str, Command]]] = []
+        sends = []
+        for pool, sources in self._by_pool.items():
+            plan = self._outgoing_commands(pool)
+            if renew and pool == self._lease_pool:
+                ttl = int(self.options.lease * 1000)
+                plan.append(("renew", "", renew_command(self.group, self.name, self._token, ttl)))
+            for source in sources:
+                key = source.key
+                if key in due:
+                    plan.append(("retry", key, retry_command(key, self.group, self.name, due[key])))
+                if reclaim:
+                    idle_ms = int(self.options.retry_after * 1000)
+                    cursor = self._reclaim_cursor[key]
+                    command = reclaim_command(key, self.group, self.name, idle_ms, cursor, count)
+                    plan.append(("reclaim", key, command))
+                if key in self._own:
+                    command = own_pending_command(key, self.group, self.name, self._own[key], count)
+                    plan.append(("own", key, command))
+            new = [source.key for source in sources if source.key not in self._own]
+            if new:
+                head: tuple[Any, ...] = (
+                    "XREADGROUP",
+                    "GROUP",
+                    self.group,
+                    self.name,
+                    "COUNT",
+                    count,
+                )
+                if wait >= 0.001:
+                    head += ("BLOCK", int(wait * 1000))
+                plan.append(("read", "", (*head, "STREAMS", *new, *[">"] * len(new))))
+            plans.append(plan)
+            sends.append(Send(pool, [command for _, _, command in plan]))
+        read_at = time.monotonic()
+        results = yield Parallel(sends)
+        for pool in self._by_pool:
+            self._outgoing[pool] = _Outgoing()
+        for key, ids in due.items():
+            for event_id in ids:
+                self._retries[key].pop(event_id, None)
+            if not self._retries[key]:
+                del self._retries[key]
+        if reclaim:
+            self._reclaim_at = now + self._reclaim_every
+        if renew:
+            self._renew_at = now + self.options.lease / 3
+        events: list[Event] = []
+        for plan, replies in zip(plans, results, strict=True):
+            for (kind, key, _), reply in zip(plan, replies, strict=True):
+                self._reply(kind, key, reply, count, read_at, events)
+        return self._screen(events)
+
+    def _reply(
+        self, kind: str, key: str, reply: Any, count: int, read_at: float, into: list[Event]
+    ) -> None:
+        if kind == "read":
+            for raw_key, entries in reply or ():
+                source = self._sources[raw_key.decode()]
+                for raw_id, fields in entries:
+                    into.append(
+                        Event(source.stream, raw_id.decode(), fields, source.key, 1, read_at)
+                    )
+        elif kind in ("own", "retry", "reclaim"):
+            entries, counts, gone, cursor = reply
+            source = self._sources[key]
+            for (raw_id, fields), delivered in zip(entries, counts, strict=True):
+                event = Event(source.stream, raw_id.decode(), fields, key, int(delivered), read_at)
+                into.append(event)
+            if gone:
+                log.warning(
+                    "stream %s, group %s: pending events %s are no longer in the stream (deleted "
+                    "or trimmed by someone else, or taken over by another consumer); not "
+                    "handling them",
+                    source.stream,
+                    self.group,
+                    [g.decode() for g in gone],
+                )
+            if kind == "own":
+                if cursor:
+                    self._own[key] = cursor.decode()
+                else:
+                    self._own.pop(key, None)
+            elif kind == "reclaim":
+                self._reclaim_cursor[key] = cursor.decode()
+                if entries:
+                    log.info(
+                        "consumer %s of group %s took over %d events idle for %.1f s or more "
+                        "from stream %s",
+                        self.name,
+                        self.group,
+                        len(entries),
+                        self.options.retry_after,
+                        source.stream,
+                    )
+                if len(entries) >= count:
+                    self._reclaim_at = 0.0  # more may be waiting
+        elif kind in ("checked", "dead") and reply:
+            lost = reply if kind == "checked" else ([] if reply == 1 else ["?"])
+            if lost:
+                log.warning(
+                    "consumer %s of group %s: %d events of %s were taken over by another "
+                    "consumer before they were acknowledged; they will be handled again there",
+                    self.name,
+                    self.group,
+                    len(lost),
+                    self._sources[key].stream,
+                )
+        elif kind == "renew" and reply == 0:
+            self._lease_lost = True
+            raise LeaseLostError(
+                self.group,
+                self.name,
+                f"consumer {self.name!r} of group {self.group!r} lost its lease (it was paused "
+                f"or cut off longer than {self.options.lease} s) and another process took the "
+                "name; stopping without acknowledging anything more",
+            )
+
+    def _screen(self, events: list[Event]) -> list[Event]:
+        """Set aside events delivered more than ``max_deliveries`` times; sort the rest."""
+        limit = self.options.max_deliveries
+        kept = []
+        for event in events:
+            if event.delivery_count > limit:
+                self._bury(event, f"delivered {event.delivery_count - 1} times without success")
+            else:
+                kept.append(event)
+        if len({event.key for event in kept}) > 1:
+            kept.sort(key=_id_key)
+        return kept
+
+    def _bury(self, event: Event, error: str) -> None:
+        source = self._sources[event.key]
+        log.warning(
+            "stream %s, group %s: event %s failed %d times; moving it to the dead letters: %s",
+            source.stream,
+            self.group,
+            event.id,
+            event.delivery_count,
+            error,
+        )
+        command = dead_letter_command(
+            source.stream, event.key, self.group, self.name, event.id, error, event.delivery_count
+        )
+        self._outgoing[source.pool].dead.append((event.key, command))
+
+    # -- handling -----------------------------------------------------------------
 
     def _handle(self, events: list[Event], count: int) -> Op[int]:
         for start in range(0, len(events), count):
             chunk = events[start : start + count]
+            self._in_hand = chunk
             try:
-                yield Handle(chunk)
+                yield Handle(chunk, self.heartbeat, self._heartbeat_every)
             except BaseException:
-                self._queue_acks(event for event in chunk if event.acked)
+                self._settle(chunk, succeeded=False)
                 raise
-            self._queue_acks(chunk)
+            finally:
+                self._in_hand = []
+            self._settle(chunk, succeeded=True)
+            if self._lease_lost:
+                raise LeaseLostError(
+                    self.group,
+                    self.name,
+                    f"consumer {self.name!r} of group {self.group!r} lost its lease while "
+                    "handling a batch; stopping",
+                )
         return len(events)
 
-    def _queue_acks(self, events: Any) -> None:
-        pools = self.core.registry.streams
+    def _settle(self, events: Iterable[Event], succeeded: bool) -> None:
+        now = time.monotonic()
+        safe = self.options.retry_after * _SAFE_SHARE
         for event in events:
-            self._acks[pools[event.stream].pool].setdefault(event.stream, []).append(event.id)
+            source = self._sources[event.key]
+            if event.error is not None:
+                if event.delivery_count >= self.options.max_deliveries:
+                    self._bury(event, f"{type(event.error).__name__}: {event.error}")
+                else:
+                    delay = backoff(
+                        event.delivery_count, self.options.retry_delay, self.options.retry_after
+                    )
+                    self._retries.setdefault(event.key, {})[event.id] = now + delay
+                continue
+            if not (succeeded or event.acked):
+                continue
+            out = self._outgoing[source.pool]
+            if now - event.read_at < safe and (event.key, event.id) not in self._lost:
+                out.acks.setdefault(event.key, []).append(event.id)
+            else:
+                out.checked_acks.setdefault(event.key, []).append(event.id)
+        self._lost.clear()
 
-    def _ack_commands(self, pool: str) -> list[Command]:
-        """The pool's pending acknowledgements, each followed by a collection of its stream."""
-        commands: list[Command] = []
-        for stream, ids in self._acks[pool].items():
-            if ids:
-                commands.append(("XACK", stream, self.group, *ids))
-                if self.collect:
-                    commands.append(collect_command(self.core, stream))
-        return commands
+    def heartbeat(self) -> Op[None]:
+        """Keep the lease and the events in hand while a long handler runs."""
+        by_key: dict[str, list[str]] = {}
+        for event in self._in_hand:
+            by_key.setdefault(event.key, []).append(event.id)
+        sends = []
+        for pool, sources in self._by_pool.items():
+            commands = [
+                touch_command(s.key, self.group, self.name, by_key[s.key])
+                for s in sources
+                if s.key in by_key
+            ]
+            if pool == self._lease_pool:
+                ttl = int(self.options.lease * 1000)
+                commands.append(renew_command(self.group, self.name, self._token, ttl))
+            if commands:
+                sends.append(Send(pool, commands))
+        results = yield Parallel(sends)
+        for send, replies in zip(sends, results, strict=True):
+            touches = replies[:-1] if send.pool == self._lease_pool else replies
+            for command, lost in zip(send.commands, touches, strict=False):
+                for event_id in lost:
+                    self._lost.add((str(command[3]), event_id.decode()))
+            if send.pool == self._lease_pool and replies[-1] == 0:
+                self._lease_lost = True
+        self._renew_at = time.monotonic() + self.options.lease / 3
 
-    def _flush_acks(self) -> Op[None]:
-        sends = [
-            Send(pool, commands) for pool in self._by_pool if (commands := self._ack_commands(pool))
-        ]
+    def _flush(self) -> Op[None]:
+        sends = []
+        for pool in self._by_pool:
+            plan = self._outgoing_commands(pool)
+            if plan:
+                sends.append(Send(pool, [command for _, _, command in plan]))
         if sends:
             yield Parallel(sends)
-            for send in sends:
-                self._acks[send.pool].clear()
+            for pool in self._by_pool:
+                self._outgoing[pool] = _Outgoing()
 
-    def _rereading(self) -> bool:
-        return any(cursor != _NEW for cursor in self._cursor.values())
 
-    def _read_command(self, streams: list[str], count: int, block: bool) -> Command:
-        cursors = [self._cursor[stream] for stream in streams]
-        head: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count)
-        if block:
-            head += ("BLOCK", self._block_ms)
-        return (*head, "STREAMS", *streams, *cursors)
+def _lease_alive(core: BrokerCore, group: str, names: list[str]) -> Op[dict[str, bool]]:
+    pool = core.group_streams(group)[0].pool
+    replies = yield Send(pool, [("EXISTS", lease_key(group, name)) for name in names])
+    return {name: bool(reply) for name, reply in zip(names, replies, strict=True)}
 
-    def _read(self, count: int, block: bool) -> Op[list[Event]]:
-        # Re-reading pending events never blocks; only block once every stream reads new.
-        block = block and not self._rereading()
-        sends = []
-        for pool, streams in self._by_pool.items():
-            commands = self._ack_commands(pool)
-            commands.append(self._read_command(streams, count, block))
-            sends.append(Send(pool, commands))
-        results = yield Parallel(sends)
-        events: list[Event] = []
-        contributing = 0
-        for send, replies in zip(sends, results, strict=True):
-            self._acks[send.pool].clear()
-            before = len(events)
-            self._parse(self._by_pool[send.pool], replies[-1], count, events)
-            contributing += len(events) > before
-        if contributing > 1:
-            events.sort(key=_id_key)
-        return events
 
-    def _parse(self, streams: list[str], reply: Any, count: int, into: list[Event]) -> None:
-        seen: set[str] = set()
-        for raw_stream, entries in reply or ():
-            stream = raw_stream.decode()
-            seen.add(stream)
-            rereading = self._cursor[stream] != _NEW
-            for raw_id, fields in entries:
-                event_id = raw_id.decode()
-                if fields is None:
-                    # A pending entry deleted or trimmed by someone else: nothing to
-                    # hand over; acknowledge it so it stops being pending.
-                    log.warning(
-                        "stream %s, group %s: pending event %s was deleted from the stream; "
-                        "acknowledging it",
-                        stream,
-                        self.group,
-                        event_id,
-                    )
-                    self._acks[self.core.registry.streams[stream].pool].setdefault(
-                        stream, []
-                    ).append(event_id)
-                    continue
-                into.append(Event(stream, event_id, fields))
-            if rereading:
-                self._cursor[stream] = entries[-1][0].decode() if len(entries) >= count else _NEW
-        for stream in streams:
-            if stream not in seen:
-                self._cursor[stream] = _NEW
+def claim(core: BrokerCore, group: str, source: str, target: str, force: bool = False) -> Op[int]:
+    """Move every pending event of consumer ``source`` to ``target``; returns how many.
+
+    Refuses (:class:`ConsumerBusyError`) while ``source`` is running, unless ``force``.
+    """
+    for name in (source, target):
+        problem = check_name("consumer", name)
+        if problem:
+            raise InvalidArgumentError(f"consumer group {group}: {problem}")
+    streams = core.group_streams(group)
+    yield from core.ensure_groups(spec.pool for spec in streams)
+    if not force and (yield from _lease_alive(core, group, [source]))[source]:
+        raise ConsumerBusyError(
+            group, source, f"consumer {source!r} of group {group!r} is running: stop it first"
+        )
+    moved = 0
+    for spec in streams:
+        for key in (spec.name, replay_key(spec.name, group)):
+            while True:
+                (count,) = yield single(spec.pool, *claim_all_command(key, group, source, target))
+                moved += int(count)
+                if not count:
+                    break
+    return moved
+
+
+_DELCONSUMER = """
+local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #rows > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+def remove_consumer(core: BrokerCore, group: str, name: str, to: str | None) -> Op[int]:
+    """Move ``name``'s pending events to ``to`` (or a live consumer), then delete it.
+
+    Returns how many pending events were moved. Never deletes a consumer that still
+    has pending events.
+    """
+    streams = core.group_streams(group)
+    yield from core.ensure_groups(spec.pool for spec in streams)
+    if (yield from _lease_alive(core, group, [name]))[name]:
+        raise ConsumerBusyError(
+            group, name, f"consumer {name!r} of group {group!r} is running: stop it first"
+        )
+    if to is None:
+        to = yield from _live_consumer(core, group, exclude=name)
+    moved = 0
+    if to is not None:
+        moved = yield from claim(core, group, name, to, force=True)
+    for spec in streams:
+        for key in (spec.name, replay_key(spec.name, group)):
+            (result,) = yield single(spec.pool, "EVAL", _DELCONSUMER, 1, key, group, name)
+            if result == -1:
+                raise BrokerError(
+                    f"consumer {name!r} of group {group!r} still holds pending events of "
+                    f"{spec.name!r} and no live consumer can take them: pass to=<consumer>"
+                )
+    return moved
+
+
+def _live_consumer(core: BrokerCore, group: str, exclude: str) -> Op[str | None]:
+    spec = core.group_streams(group)[0]
+    (rows,) = yield single(spec.pool, "XINFO", "CONSUMERS", spec.name, group)
+    names = []
+    for row in rows:
+        info = dict(zip(row[::2], row[1::2], strict=True))
+        consumer = info[b"name"].decode()
+        if consumer != exclude:
+            names.append(consumer)
+    if not names:
+        return None
+    alive = yield from _lease_alive(core, group, names)
+    return next((n for n in names if alive[n]), None)

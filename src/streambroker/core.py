@@ -13,6 +13,7 @@ from ._effects import Op, Parallel, ReplyError, Send
 from .codecs import Codec, get_codec
 from .config import StreamSpec, ValidatedRegistry
 from .errors import InvalidArgumentError, ServerReplyError, UnknownGroupError, UnknownStreamError
+from .keys import replay_key
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore"]
 
@@ -66,7 +67,8 @@ class BrokerCore:
         """Create every registered group of the streams in ``pools``, once per broker.
 
         Groups start at the beginning of the stream (id 0), so events published before
-        a group's first consumer ran are still delivered to it. One pipeline per pool.
+        a group's first consumer ran are still delivered to it; each group also gets its
+        replay stream. One pipeline per pool.
         """
         todo = [pool for pool in dict.fromkeys(pools) if pool not in self._ready_pools]
         if not todo:
@@ -74,10 +76,11 @@ class BrokerCore:
         sends = []
         for pool in todo:
             commands = [
-                ("XGROUP", "CREATE", stream.name, group, "0", "MKSTREAM")
+                ("XGROUP", "CREATE", key, group, "0", "MKSTREAM")
                 for stream in self.registry.streams.values()
                 if stream.pool == pool
                 for group in stream.groups
+                for key in (stream.name, replay_key(stream.name, group))
             ]
             if commands:
                 sends.append(Send(pool, commands, allow_errors=True))
@@ -91,3 +94,7 @@ class BrokerCore:
                         f"{command[2]!r}: {reply.message}",
                     )
         self._ready_pools.update(todo)
+
+    def forget_groups(self, pool: str) -> None:
+        """Make the next operation on ``pool`` create its groups again (they were lost)."""
+        self._ready_pools.discard(pool)

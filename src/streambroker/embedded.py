@@ -104,6 +104,9 @@ class EmbeddedServer:
             socket = self.socket_path
             if os.path.exists(socket):
                 os.unlink(socket)  # left by a server that died
+            pid_file = self.data_dir / "valkey.pid"
+            pid_file.unlink(missing_ok=True)  # likewise: a pid file is now the new server's
+            log_start = self._log_size()
             command = [
                 _binary(),
                 "--daemonize",
@@ -117,7 +120,7 @@ class EmbeddedServer:
                 "--dir",
                 str(self.data_dir),
                 "--pidfile",
-                str(self.data_dir / "valkey.pid"),
+                str(pid_file),
                 "--logfile",
                 str(self.log_path),
                 "--appendonly",
@@ -130,15 +133,25 @@ class EmbeddedServer:
             try:
                 subprocess.run(command, check=True, capture_output=True, timeout=timeout)
             except (OSError, subprocess.SubprocessError) as exc:
+                output = getattr(exc, "stderr", None) or getattr(exc, "stdout", None) or b""
+                detail = " ".join(output.decode(errors="replace").split())
                 raise EmbeddedServerError(
                     f"cannot start the embedded server in {self.data_dir}: {exc}"
+                    + (f": {detail}" if detail else "")
                 ) from exc
             deadline = time.monotonic() + timeout
             while not self.is_running():
+                # The daemon writes its pid file as it starts; if that process is gone
+                # already, it failed (its log says why): do not wait for the timeout.
+                if _exited(pid_file):
+                    raise EmbeddedServerError(
+                        f"the embedded server in {self.data_dir} exited as it started: "
+                        f"{self._log_reason(log_start)} (see {self.log_path})"
+                    )
                 if time.monotonic() > deadline:
                     raise EmbeddedServerError(
                         f"the embedded server in {self.data_dir} did not start within "
-                        f"{timeout} s; see {self.log_path}:\n{self._log_tail()}"
+                        f"{timeout} s: {self._log_reason(log_start)} (see {self.log_path})"
                     )
                 time.sleep(0.02)
             return socket
@@ -166,8 +179,37 @@ class EmbeddedServer:
                 time.sleep(0.02)
             return True
 
-    def _log_tail(self, lines: int = 10) -> str:
+    def _log_size(self) -> int:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.stat().st_size
         except OSError:
-            return "(no log)"
+            return 0
+
+    def _log_reason(self, start: int) -> str:
+        """The last warning the server logged since ``start`` (a byte offset), one line."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(start)
+                lines = log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        # Lines read "pid:role date time LEVEL message"; "#" marks a warning.
+        warnings = [line.split(" # ", 1)[1] for line in lines if " # " in line]
+        if warnings:
+            return warnings[-1].strip()
+        return lines[-1].strip() if lines else "nothing logged"
+
+
+def _exited(pid_file: Path) -> bool:
+    """Whether ``pid_file`` names a process that no longer exists."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False  # not written yet (or half written)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -5,10 +5,12 @@ from __future__ import annotations
 __all__ = [
     "BrokerError",
     "ConfigError",
+    "ConsumerBusyError",
     "DecodeError",
     "EmbeddedServerError",
     "EncodeError",
     "InvalidArgumentError",
+    "LeaseLostError",
     "PayloadError",
     "PayloadTooLargeError",
     "PoolAuthenticationError",
@@ -51,6 +53,26 @@ class UnknownGroupError(BrokerError, LookupError):
     def __init__(self, group: str) -> None:
         self.group = group
         super().__init__(f"consumer group {group!r} is not registered for any stream")
+
+
+class ConsumerBusyError(BrokerError):
+    """Another live process consumes under the same group and consumer name."""
+
+    def __init__(self, group: str, consumer: str, message: str | None = None) -> None:
+        self.group = group
+        self.consumer = consumer
+        super().__init__(
+            message
+            or f"consumer {consumer!r} of group {group!r} is already running in another process"
+        )
+
+
+class LeaseLostError(ConsumerBusyError):
+    """The consumer's lease expired and another process took its name over.
+
+    Raised by a consumer that was paused (or cut off) longer than its lease: its
+    events may be in other hands, so it stops instead of acknowledging them.
+    """
 
 
 class InvalidArgumentError(BrokerError, ValueError):

@@ -20,6 +20,12 @@ _RESERVED = RESERVED_PREFIX.encode()
 _UNSET: Any = object()
 
 
+def _type_name(into: Any) -> str:
+    # Unions (``int | None``) and other special forms have no __name__.
+    name = getattr(into, "__name__", None)
+    return name if isinstance(name, str) else repr(into)
+
+
 class Event:
     """One event read from a stream.
 
@@ -28,27 +34,64 @@ class Event:
     ``body``, ``meta`` or ``decode()`` raises :class:`~streambroker.DecodeError`.
     """
 
-    __slots__ = ("_body", "_fields", "_meta", "acked", "id", "stream")
+    __slots__ = (
+        "_body",
+        "_fields",
+        "_meta",
+        "acked",
+        "delivery_count",
+        "error",
+        "id",
+        "key",
+        "read_at",
+        "stream",
+    )
 
-    def __init__(self, stream: str, event_id: str, fields: list[bytes]) -> None:
+    def __init__(
+        self,
+        stream: str,
+        event_id: str,
+        fields: list[bytes],
+        key: str | None = None,
+        delivery_count: int = 1,
+        read_at: float = 0.0,
+    ) -> None:
         self.stream = stream
         self.id = event_id
         self._fields = fields
         self._meta: Mapping[str, str] | None = None
         self._body: Any = _UNSET
+        #: The Redis key the event was read from: the stream, or the group's replay stream.
+        self.key = key if key is not None else stream
+        #: How many times the server has delivered this event (1 the first time).
+        self.delivery_count = delivery_count
+        #: When it was read (``time.monotonic()``).
+        self.read_at = read_at
         #: True once :meth:`ack` was called in the handler.
         self.acked = False
+        #: The error given to :meth:`fail`, if the handler failed this event.
+        self.error: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"Event(stream={self.stream!r}, id={self.id!r})"
 
     def ack(self) -> None:
-        """Acknowledge this event even if the handler raises afterwards.
+        """Acknowledge this event even if the handler raises afterwards (undoes :meth:`fail`).
 
         Acknowledgements are sent together when the handler returns or raises; events
         the handler did not ack are acknowledged when it returns normally.
         """
         self.acked = True
+        self.error = None
+
+    def fail(self, error: BaseException | str = "failed") -> None:
+        """Mark this event as failed without failing the rest of the batch.
+
+        It is not acknowledged: it is delivered again after a back-off, and after
+        ``max_deliveries`` deliveries it becomes a dead letter carrying ``error``.
+        """
+        self.error = error if isinstance(error, BaseException) else RuntimeError(error)
+        self.acked = False
 
     def _field(self, name: bytes) -> bytes | None:
         fields = self._fields
@@ -108,7 +151,7 @@ class Event:
         if raw is None:
             if into is None:
                 return None
-            raise self._fail(f"the event has no body to decode into {into.__name__}")
+            raise self._fail(f"the event has no body to decode into {_type_name(into)}")
         codec_name = self.codec
         if codec_name is None:
             raise self._fail(f"the entry has a {BODY_FIELD} field but no {CODEC_FIELD}")
@@ -118,5 +161,5 @@ class Event:
         try:
             return codec.decode(raw, into)
         except Exception as exc:
-            target = f" into {into.__name__}" if into is not None else ""
+            target = f" into {_type_name(into)}" if into is not None else ""
             raise self._fail(f"cannot decode the {codec_name} body{target}: {exc}") from exc

@@ -17,7 +17,8 @@ so consumers acking, claiming and collecting at once can never race it:
    time.
 
 Groups that exist on the server but are not registered are ignored: they never hold
-events back.
+events back. A stream's replay streams (dead letters put back for one group) are
+collected with it, and counted in its figures.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from ._effects import Command, Op, Parallel, ReplyError, Send
 from .core import BrokerCore
 from .errors import ServerReplyError
+from .keys import replay_key
 
 __all__ = ["COLLECT_SCRIPT", "collect", "collect_command", "removed_count"]
 
@@ -112,10 +114,10 @@ return {removed, deleted}
 """
 
 
-def collect_command(core: BrokerCore, stream: str, limit: int = WINDOW_LIMIT) -> Command:
-    """The command that collects ``stream`` (its reply goes to :func:`removed_count`)."""
-    groups = core.registry.streams[stream].groups
-    return ("EVAL", COLLECT_SCRIPT, 1, stream, limit, *groups)
+def collect_command(key: str, groups: Iterable[str], limit: int = WINDOW_LIMIT) -> Command:
+    """The command that collects the stream ``key`` read by ``groups`` (its reply goes
+    to :func:`removed_count`)."""
+    return ("EVAL", COLLECT_SCRIPT, 1, key, limit, *groups)
 
 
 def removed_count(pool: str, stream: str, reply: Any) -> int:
@@ -136,13 +138,21 @@ def collect(core: BrokerCore, streams: Iterable[str]) -> Op[dict[str, int]]:
     for name in names:
         per_pool.setdefault(core.stream(name).pool, []).append(name)
     yield from core.ensure_groups(per_pool)
+    plans: dict[str, list[tuple[str, Command]]] = {}
+    for pool, pool_streams in per_pool.items():
+        plan = plans[pool] = []
+        for stream in pool_streams:
+            groups = core.registry.streams[stream].groups
+            plan.append((stream, collect_command(stream, groups)))
+            for group in groups:
+                plan.append((stream, collect_command(replay_key(stream, group), (group,))))
     sends = [
-        Send(pool, [collect_command(core, s) for s in pool_streams], allow_errors=True)
-        for pool, pool_streams in per_pool.items()
+        Send(pool, [command for _, command in plan], allow_errors=True)
+        for pool, plan in plans.items()
     ]
     results = yield Parallel(sends)
-    removed: dict[str, int] = {}
+    removed = dict.fromkeys(names, 0)
     for send, replies in zip(sends, results, strict=True):
-        for stream, reply in zip(per_pool[send.pool], replies, strict=True):
-            removed[stream] = removed_count(send.pool, stream, reply)
-    return {name: removed[name] for name in names}
+        for (stream, _), reply in zip(plans[send.pool], replies, strict=True):
+            removed[stream] += removed_count(send.pool, stream, reply)
+    return removed

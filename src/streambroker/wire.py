@@ -47,8 +47,15 @@ def encode_fields(
                     f"stream {stream}: meta {key!r} must be a string, "
                     f"got {type(value).__name__} {value!r}"
                 )
-            fields.append(key)
-            fields.append(value)
+            try:
+                # Encoded here, so that text the server cannot take (lone surrogates)
+                # fails before anything is sent, as an EncodeError.
+                fields.append(key.encode())
+                fields.append(value.encode())
+            except UnicodeEncodeError as exc:
+                raise EncodeError(
+                    f"stream {stream}: meta {key!r} is not valid UTF-8 text: {exc}"
+                ) from None
     if body is None and fields:
         return fields
     try:

@@ -1,0 +1,55 @@
+"""Consumer leases: one live process per consumer name. I/O-free.
+
+A lease is a key holding a random token with a time to live. ``consume()`` takes
+it, renews it while it runs, and deletes it when it returns; a consumer that died
+frees its name when the lease expires.
+"""
+
+from __future__ import annotations
+
+from ._effects import Command
+from .keys import lease_key
+
+__all__ = ["acquire_command", "release_command", "renew_command"]
+
+# Take the lease if it is free or ours. Returns 1, or the holder's remaining ms.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return -math.max(redis.call('PTTL', KEYS[1]), 1)
+"""
+
+# Keep the lease if it is ours, or take it back if it vanished (server restarted
+# without persistence). Returns 0 when another process holds it.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def acquire_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
+    """Take the lease; the reply is 1, or minus the holder's remaining milliseconds."""
+    return ("EVAL", _ACQUIRE, 1, lease_key(group, consumer), token, ttl_ms)
+
+
+def renew_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
+    """Renew the lease; the reply is 0 when another process holds the name now."""
+    return ("EVAL", _RENEW, 1, lease_key(group, consumer), token, ttl_ms)
+
+
+def release_command(group: str, consumer: str, token: str) -> Command:
+    """Give the lease up if it is still ours."""
+    return ("EVAL", _RELEASE, 1, lease_key(group, consumer), token)
