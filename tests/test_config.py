@@ -765,3 +765,11 @@ def test_host_port_db_round_trips(host: str, port: int, db: int) -> None:
     assert (spec.host, spec.port, spec.db) == (host, port, db)
     assert spec == pool_spec(f"{host}:{port}", db=db)
     assert spec.display_address == f"{host}:{port}/{db}"
+
+
+def test_credentials_without_a_url_are_refused_without_echoing_them() -> None:
+    registry = sb.Registry()
+    registry.register_redis("user:s3cr3t@host:6379")
+    with pytest.raises(sb.ConfigError, match="must be a URL") as caught:
+        registry.validate()
+    assert "s3cr3t" not in str(caught.value)

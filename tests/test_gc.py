@@ -94,9 +94,7 @@ def test_collect_garbage_on_demand(config: sb.ValidatedRegistry, server: Server)
             broker.collect_garbage("nope")
 
 
-def test_a_group_that_has_not_started_holds_everything(
-    broker: sb.Broker, server: Server
-) -> None:
+def test_a_group_that_has_not_started_holds_everything(broker: sb.Broker, server: Server) -> None:
     for n in range(10):
         broker.publish("stream-a", n)
     broker.consumer("read-group-a").consume(ignore, block=False)
@@ -115,9 +113,7 @@ def test_a_registered_group_missing_on_the_server_holds_everything(
     assert server.client().xlen("stream-a") == 10
 
 
-def test_unregistered_groups_do_not_hold_events_back(
-    broker: sb.Broker, server: Server
-) -> None:
+def test_unregistered_groups_do_not_hold_events_back(broker: sb.Broker, server: Server) -> None:
     broker.publish("stream-c", "first")
     server.client(3).xgroup_create("stream-c", "orphan", id="0")
     broker.publish("stream-c", "second")
@@ -140,9 +136,7 @@ def test_a_large_acknowledged_backlog_goes_in_one_call(
     assert client.xlen("stream-c") == 0
 
 
-def test_a_stream_that_is_not_a_stream_is_a_clear_error(
-    broker: sb.Broker, server: Server
-) -> None:
+def test_a_stream_that_is_not_a_stream_is_a_clear_error(broker: sb.Broker, server: Server) -> None:
     broker.publish("stream-a", 1)
     server.client().delete("stream-b")
     server.client().set("stream-b", "not a stream")

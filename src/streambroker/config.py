@@ -352,6 +352,10 @@ def _check_url(parts: SplitResult) -> int | None:
 
 
 def _parse_host_port(pool: str, address: str, db: object) -> PoolSpec:
+    if "@" in address:  # never echo what may be a password
+        raise ValueError(
+            "an address with credentials must be a URL: redis://user:password@host:port/db"
+        )
     match = _HOST_PORT.fullmatch(address)
     if not match:
         raise ValueError(

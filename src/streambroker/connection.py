@@ -2,6 +2,7 @@
 
 Clients speak RESP2 and return raw replies (no redis-py reply callbacks), so the
 I/O-free core parses every reply itself, the same way for the sync and async faces.
+They do not retry failed commands: the caller sees the failure.
 A client holds a connection pool of its own: each thread or task takes a connection
 as it needs one.
 """
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .config import PoolSpec
 from .embedded import EmbeddedServer
@@ -35,6 +38,9 @@ def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
         "socket_timeout": options.socket_timeout,
         "socket_connect_timeout": options.connect_timeout,
         "client_name": "streambroker",
+        # No silent retries inside redis-py: a re-sent XADD could publish twice, and
+        # consumers retry (with back-off and a log line) themselves.
+        "retry": Retry(NoBackoff(), 0),
     }
     if spec.kind == "tcp":
         kwargs.update(host=spec.host, port=spec.port)

@@ -252,7 +252,8 @@ class ConsumerCore:
         self._reclaim_at = 0.0
         if isinstance(exc, PoolConnectionError):
             return True
-        if isinstance(exc, ServerReplyError) and "NOGROUP" in str(exc):
+        # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited.
+        if isinstance(exc, ServerReplyError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
             log.warning(
                 "consumer %s of group %s: a stream or the group vanished from redis pool %r "
                 "(the server lost data, or someone deleted it); recreating it",
@@ -281,6 +282,7 @@ class ConsumerCore:
         self._lease_lost = False
         self._renew_at = time.monotonic() + self.options.lease / 3
         self._own = dict.fromkeys(self._sources, "-")
+        self._retries.clear()  # re-reading the pending events covers them
         self._reclaim_at = 0.0
 
     def _release(self) -> Op[None]:
@@ -328,7 +330,9 @@ class ConsumerCore:
     def _step(self, count: int, block: bool) -> Op[list[Event]]:
         now = time.monotonic()
         due = self._due_retries(now)
-        reclaim = now >= self._reclaim_at
+        # Not while re-reading its own pending events: those reclaimed now would be
+        # found among them again.
+        reclaim = now >= self._reclaim_at and not self._own
         renew = now >= self._renew_at
         wait = 0.0
         if block and not self._own and not due and not reclaim:

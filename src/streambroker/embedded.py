@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import subprocess
 import tempfile
 import time
@@ -41,6 +42,26 @@ def _binary() -> str:
     return str(get_binary_path())
 
 
+def _private_socket_dir() -> Path:
+    """A directory only this user can enter, for sockets whose path would be too long.
+
+    Owned by the user with mode 0700, so that no other local user can put a socket
+    of their own where the broker looks for the server.
+    """
+    directory = Path(tempfile.gettempdir()) / f"streambroker-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = directory.lstat()
+    except OSError as exc:
+        raise EmbeddedServerError(f"cannot use the socket directory {directory}: {exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise EmbeddedServerError(
+            f"the socket directory {directory} must be a directory owned by this user with "
+            "mode 0700; remove it or fix its permissions"
+        )
+    return directory
+
+
 class EmbeddedServer:
     """Start, reuse and stop the bundled server of one data directory."""
 
@@ -57,7 +78,7 @@ class EmbeddedServer:
         if len(path) <= _MAX_SOCKET_PATH:
             return path
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
-        return str(Path(tempfile.gettempdir()) / f"streambroker-{digest}.sock")
+        return str(_private_socket_dir() / f"{digest}.sock")
 
     @property
     def log_path(self) -> Path:
