@@ -28,6 +28,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .events import Event
+from .stats import ConsumerStats, GroupStats, StreamStats
 
 __version__ = "0.1.0"
 
@@ -39,12 +40,14 @@ __all__ = [
     "ConfigError",
     "Consumer",
     "ConsumerBusyError",
+    "ConsumerStats",
     "DeadLetter",
     "DecodeError",
     "EmbeddedServer",
     "EmbeddedServerError",
     "EncodeError",
     "Event",
+    "GroupStats",
     "Handler",
     "InvalidArgumentError",
     "LeaseLostError",
@@ -57,6 +60,7 @@ __all__ = [
     "Registry",
     "ServerReplyError",
     "StreamSpec",
+    "StreamStats",
     "UnknownGroupError",
     "UnknownStreamError",
     "ValidatedRegistry",

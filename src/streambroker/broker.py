@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from types import FrameType, TracebackType
 from typing import Any
 
-from . import consuming, deadletters, gc
+from . import consuming, deadletters, gc, stats
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
@@ -23,6 +23,7 @@ from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore
 from .deadletters import DeadLetter
 from .events import Event
 from .publishing import BatchBuffer, publish
+from .stats import GroupStats, StreamStats
 
 __all__ = ["Batch", "Broker", "Consumer", "Handler"]
 
@@ -121,6 +122,20 @@ class Broker:
         Returns how many were put back; they leave the dead letters.
         """
         return self._driver.run(deadletters.replay_dead_letters(self._core, stream, group))
+
+    def stats(self, *streams: str) -> list[StreamStats]:
+        """Statistics of the given streams (all registered streams when none given)."""
+        return self._driver.run(stats.collect_stats(self._core, streams))
+
+    def stream_stats(self, stream: str) -> StreamStats:
+        """Statistics of one stream, its groups and their consumers."""
+        (result,) = self.stats(stream)
+        return result
+
+    def group_stats(self, stream: str, group: str) -> GroupStats:
+        """Statistics of one group on one stream."""
+        self._core.stream_group(stream, group)
+        return next(g for g in self.stream_stats(stream).groups if g.group == group)
 
     def remove_consumer(self, group: str, name: str, to: str | None = None) -> int:
         """Delete a stopped consumer from its group, without losing its pending events.

@@ -266,6 +266,17 @@ class ConsumerCore:
         return False
 
     def _acquire(self) -> Op[None]:
+        # Registered with the group at once (not at its first read), so statistics
+        # list a live consumer even before it received anything.
+        yield Parallel(
+            [
+                Send(
+                    pool,
+                    [("XGROUP", "CREATECONSUMER", s.key, self.group, self.name) for s in sources],
+                )
+                for pool, sources in self._by_pool.items()
+            ]
+        )
         token = uuid.uuid4().hex
         ttl = int(self.options.lease * 1000)
         (reply,) = yield single(

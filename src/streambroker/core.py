@@ -55,6 +55,13 @@ class BrokerCore:
         except (KeyError, TypeError):
             raise UnknownStreamError(name) from None
 
+    def stream_group(self, stream: str, group: str) -> StreamSpec:
+        """The stream ``stream``, checking that ``group`` is registered to read it."""
+        spec = self.stream(stream)
+        if group not in spec.groups:
+            raise InvalidArgumentError(f"consumer group {group!r} does not read stream {stream!r}")
+        return spec
+
     def group_streams(self, group: str) -> tuple[StreamSpec, ...]:
         """The streams the registered ``group`` reads; raises :class:`UnknownGroupError`."""
         try:

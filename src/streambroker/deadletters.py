@@ -13,7 +13,6 @@ from typing import Any
 
 from ._effects import Command, Op, Send
 from .core import BrokerCore
-from .errors import InvalidArgumentError
 from .events import Event
 from .keys import dead_letter_key, replay_key
 
@@ -89,13 +88,6 @@ def dead_letter_command(
     )
 
 
-def _check(core: BrokerCore, stream: str, group: str) -> str:
-    spec = core.stream(stream)
-    if group not in spec.groups:
-        raise InvalidArgumentError(f"consumer group {group!r} does not read stream {stream!r}")
-    return spec.pool
-
-
 def _field(fields: list[Any], name: bytes) -> str:
     for i in range(0, len(fields) - 1, 2):
         if fields[i] == name:
@@ -107,7 +99,7 @@ def list_dead_letters(
     core: BrokerCore, stream: str, group: str, limit: int = 1000
 ) -> Op[list[DeadLetter]]:
     """The oldest ``limit`` dead letters of ``group`` from ``stream``."""
-    pool = _check(core, stream, group)
+    pool = core.stream_group(stream, group).pool
     (entries,) = yield Send(
         pool, [("XRANGE", dead_letter_key(stream, group), "-", "+", "COUNT", limit)]
     )
@@ -130,7 +122,7 @@ def list_dead_letters(
 
 def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     """Deliver every dead letter of ``group`` from ``stream`` again, to that group only."""
-    pool = _check(core, stream, group)
+    pool = core.stream_group(stream, group).pool
     yield from core.ensure_groups((pool,))
     moved = 0
     while True:

@@ -1,0 +1,225 @@
+"""Statistics of streams, groups and consumers. I/O-free.
+
+Everything is read in two round trips, each one pipeline per pool (the pools in
+parallel): the first fetches the stream, group and consumer figures and the server
+clock; the second asks which consumers hold their lease (lease keys live in other
+hash slots than the streams), and counts the lag of groups whose lag the server
+cannot tell (after deletions in the middle of a stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._effects import Command, Op, Parallel, ReplyError, Send
+from .core import BrokerCore
+from .errors import ServerReplyError
+from .keys import dead_letter_key, lease_key, replay_key
+
+__all__ = ["ConsumerStats", "GroupStats", "StreamStats", "collect_stats"]
+
+#: The most entries counted to find a lag the server does not know.
+LAG_COUNT_LIMIT = 100_000
+
+_COUNT_AFTER = """
+return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+"""
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    """One consumer of a group: its pending events, idle seconds, and whether it runs."""
+
+    name: str
+    pending: int
+    idle: float
+    alive: bool
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group on one stream. Ages are seconds, None when there is nothing to age."""
+
+    group: str
+    lag: int
+    pending: int
+    last_delivered_id: str
+    last_delivered_age: float | None
+    lowest_pending_id: str | None
+    lowest_pending_age: float | None
+    dead_letters: int
+    consumers: tuple[ConsumerStats, ...]
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """One stream: its length, its oldest event's age, its groups and orphan groups.
+
+    ``orphan_groups`` exist on the server but are not registered for the stream;
+    they hold nothing back, and can be deleted.
+    """
+
+    stream: str
+    pool: str
+    length: int
+    oldest_event_age: float | None
+    groups: tuple[GroupStats, ...]
+    orphan_groups: tuple[str, ...]
+
+
+def _table(flat: list[Any]) -> dict[str, Any]:
+    return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _ms(event_id: bytes | str | None) -> int | None:
+    if not event_id:
+        return None
+    text = event_id.decode() if isinstance(event_id, bytes) else event_id
+    ms = int(text.partition("-")[0])
+    return ms or None
+
+
+def _age(now_ms: int, event_id: bytes | str | None) -> float | None:
+    ms = _ms(event_id)
+    return None if ms is None else max(0.0, (now_ms - ms) / 1000)
+
+
+@dataclass
+class _Plan:
+    stream: str
+    pool: str
+    groups: tuple[str, ...]
+    commands: list[Command]
+
+
+def _first_round(stream: str, pool: str, groups: tuple[str, ...]) -> _Plan:
+    commands: list[Command] = [
+        ("TIME",),
+        ("XINFO", "STREAM", stream),
+        ("XINFO", "GROUPS", stream),
+    ]
+    for group in groups:
+        commands += [
+            ("XPENDING", stream, group),
+            ("XINFO", "CONSUMERS", stream, group),
+            ("XINFO", "GROUPS", replay_key(stream, group)),
+            ("XLEN", dead_letter_key(stream, group)),
+        ]
+    return _Plan(stream, pool, groups, commands)
+
+
+def _check(pool: str, stream: str, reply: Any) -> Any:
+    if isinstance(reply, ReplyError):
+        raise ServerReplyError(
+            pool, f"cannot read the statistics of stream {stream!r}: {reply.message}"
+        )
+    return reply
+
+
+@dataclass
+class _Draft:
+    """A group's figures from the first round, waiting for the second."""
+
+    stats: GroupStats
+    consumers: list[dict[str, Any]]
+    lag_known: bool
+
+
+def _draft(group: str, now_ms: int, main: dict[str, Any], replies: list[Any]) -> _Draft:
+    summary, consumers, replay_groups, dead = replies
+    replay = next((t for t in map(_table, replay_groups) if t["name"] == group.encode()), {})
+    last = (main.get("last-delivered-id") or b"0-0").decode()
+    lag, replay_lag = main.get("lag"), replay.get("lag")
+    known = isinstance(lag, int)
+    lag_now = (lag if isinstance(lag, int) else 0) + (
+        replay_lag if isinstance(replay_lag, int) else 0
+    )
+    stats = GroupStats(
+        group=group,
+        lag=lag_now,
+        pending=int(summary[0]) + int(replay.get("pending", 0)),
+        last_delivered_id=last,
+        last_delivered_age=_age(now_ms, last),
+        lowest_pending_id=summary[1].decode() if summary[1] else None,
+        lowest_pending_age=_age(now_ms, summary[1]),
+        dead_letters=int(dead),
+        consumers=(),
+    )
+    return _Draft(stats, [_table(row) for row in consumers], known)
+
+
+def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamStats]]:
+    """The statistics of ``streams`` (all registered streams when empty), in order."""
+    names = list(dict.fromkeys(streams)) or list(core.registry.streams)
+    specs = [core.stream(name) for name in names]
+    yield from core.ensure_groups(spec.pool for spec in specs)
+    plans = [_first_round(spec.name, spec.pool, spec.groups) for spec in specs]
+    replies = yield from _run(plans)
+
+    drafts: list[tuple[StreamStats, list[_Draft]]] = []
+    second: list[_Plan] = []
+    for plan, raw in zip(plans, replies, strict=True):
+        reply = [_check(plan.pool, plan.stream, r) for r in raw]
+        seconds, micros = (int(x) for x in reply[0])
+        now_ms = seconds * 1000 + micros // 1000
+        info = _table(reply[1])
+        first_entry = info.get("first-entry")
+        on_server = {(row := _table(flat))["name"].decode(): row for flat in reply[2]}
+        groups = [
+            _draft(group, now_ms, on_server.get(group, {}), reply[3 + 4 * i : 7 + 4 * i])
+            for i, group in enumerate(plan.groups)
+        ]
+        follow_up: list[Command] = []
+        for draft in groups:
+            if not draft.lag_known:
+                last = draft.stats.last_delivered_id
+                follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.stream, last, LAG_COUNT_LIMIT))
+            follow_up += [
+                ("EXISTS", lease_key(draft.stats.group, row["name"].decode()))
+                for row in draft.consumers
+            ]
+        stream = StreamStats(
+            stream=plan.stream,
+            pool=plan.pool,
+            length=int(info["length"]),
+            oldest_event_age=_age(now_ms, first_entry[0] if first_entry else None),
+            groups=(),
+            orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
+        )
+        drafts.append((stream, groups))
+        second.append(_Plan(plan.stream, plan.pool, plan.groups, follow_up))
+
+    answers = yield from _run(second)
+    result = []
+    for (stream, groups), answer in zip(drafts, answers, strict=True):
+        values = iter(answer)
+        finished = []
+        for draft in groups:
+            lag = draft.stats.lag if draft.lag_known else draft.stats.lag + int(next(values))
+            consumers = tuple(
+                ConsumerStats(
+                    name=row["name"].decode(),
+                    pending=int(row["pending"]),
+                    idle=int(row["idle"]) / 1000,
+                    alive=bool(next(values)),
+                )
+                for row in draft.consumers
+            )
+            finished.append(replace(draft.stats, lag=lag, consumers=consumers))
+        result.append(replace(stream, groups=tuple(finished)))
+    return result
+
+
+def _run(plans: list[_Plan]) -> Op[list[list[Any]]]:
+    """Send each plan's commands, one pipeline per pool; the replies, per plan."""
+    per_pool: dict[str, list[Command]] = {}
+    for plan in plans:
+        per_pool.setdefault(plan.pool, []).extend(plan.commands)
+    sends = [
+        Send(pool, commands, allow_errors=True) for pool, commands in per_pool.items() if commands
+    ]
+    results = yield Parallel(sends)
+    by_pool = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
+    return [[next(by_pool[plan.pool]) for _ in plan.commands] for plan in plans]
