@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from . import consuming, deadletters, gc, stats
 from ._sync import SyncDriver
@@ -29,6 +29,7 @@ __all__ = ["Batch", "Broker", "Consumer", "Handler"]
 
 #: A handler takes the events of one batch; its return value is ignored.
 Handler = Callable[[list[Event]], object]
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 
 DEFAULT_CONSUMER = "consumer-1"
 
@@ -72,6 +73,21 @@ class Broker:
     def batch(self) -> Batch:
         """A batch of events sent together when its ``with`` block ends."""
         return Batch(self)
+
+    def handler(
+        self, group: str, *, count: int = 10, **options: Any
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated function as the handler of ``group``.
+
+        ``streambroker worker MODULE:BROKER`` then runs it with consumers of the
+        group; ``options`` are those of :meth:`consumer`.
+        """
+
+        def register(function: HandlerT) -> HandlerT:
+            self._core.add_handler(group, function, count, options)
+            return function
+
+        return register
 
     def consumer(
         self,

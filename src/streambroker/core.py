@@ -7,7 +7,9 @@ pools already have their consumer groups; the sync and async faces both drive it
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from ._effects import Op, Parallel, ReplyError, Send
 from .codecs import Codec, get_codec
@@ -15,11 +17,21 @@ from .config import StreamSpec, ValidatedRegistry
 from .errors import InvalidArgumentError, ServerReplyError, UnknownGroupError, UnknownStreamError
 from .keys import replay_key
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
 
 log = logging.getLogger("streambroker")
 
 DEFAULT_MAX_BODY_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """A handler an application registered for a group, run by ``streambroker worker``."""
+
+    group: str
+    function: Callable[..., Any]
+    count: int
+    options: Mapping[str, Any]
 
 
 class BrokerCore:
@@ -47,6 +59,16 @@ class BrokerCore:
         self.codec: Codec = get_codec(codec)
         self.max_body_size = max_body_size
         self._ready_pools: set[str] = set()
+        self.handlers: list[HandlerSpec] = []
+
+    def add_handler(
+        self, group: str, function: Callable[..., Any], count: int, options: Mapping[str, Any]
+    ) -> None:
+        """Register ``function`` as the handler of ``group`` (one per group)."""
+        self.group_streams(group)
+        if any(spec.group == group for spec in self.handlers):
+            raise InvalidArgumentError(f"consumer group {group!r} already has a handler")
+        self.handlers.append(HandlerSpec(group, function, count, dict(options)))
 
     def stream(self, name: str) -> StreamSpec:
         """The registered stream ``name``; raises :class:`UnknownStreamError`."""
