@@ -2,8 +2,9 @@
 
 Each server kind is started once per test session on a free loopback port, without
 persistence, and flushed before every test that uses it. Behaviour tests take the
-``server`` fixture and so run on both kinds. With ``CI=true`` a missing server
-binary fails the run instead of skipping.
+``server`` fixture and so run on both kinds, and the ``broker`` (or ``open_broker``)
+fixture, and so run on both faces: the synchronous broker and the asyncio one.
+With ``CI=true`` a missing server binary fails the run instead of skipping.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 import streambroker as sb
 
+from .faces import Loop, async_facade
+
 SERVER_KINDS = ("valkey", "redis")
+FACES = ("sync", "async")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -190,8 +195,37 @@ def config(server: Server) -> sb.ValidatedRegistry:
     return seed_registry(f"{server.address}:0", f"{server.address}:3")
 
 
+@pytest.fixture(scope="session")
+def event_loop_thread() -> Iterator[Loop]:
+    """An event loop in a background thread, for the asyncio face."""
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+OpenBroker = Callable[..., sb.Broker]
+
+
+@pytest.fixture(params=FACES)
+def open_broker(request: pytest.FixtureRequest, event_loop_thread: Loop) -> Iterator[OpenBroker]:
+    """Opens brokers of the face under test (sync, or asyncio behind a sync facade);
+    every one is closed after the test. Tests using it run once per face."""
+    opened: list[sb.Broker] = []
+
+    def open_broker(config: sb.ValidatedRegistry, **options: Any) -> sb.Broker:
+        if request.param == "sync":
+            broker = config.broker(**options)
+        else:
+            broker = async_facade(config, event_loop_thread, **options)
+        opened.append(broker)
+        return broker
+
+    yield open_broker
+    for broker in opened:
+        broker.close()
+
+
 @pytest.fixture
-def broker(config: sb.ValidatedRegistry) -> Iterator[sb.Broker]:
-    """A broker of the seed's registry, closed after the test."""
-    with config.broker() as broker:
-        yield broker
+def broker(config: sb.ValidatedRegistry, open_broker: OpenBroker) -> sb.Broker:
+    """A broker of the seed's registry (once per face), closed after the test."""
+    return open_broker(config)

@@ -10,7 +10,7 @@ import pytest
 
 import streambroker as sb
 
-from .conftest import Server, free_port, wait_for
+from .conftest import OpenBroker, Server, free_port, wait_for
 
 ID = re.compile(r"^\d+-\d+$")
 
@@ -256,8 +256,8 @@ def _two_pool_config(address_one: str, address_two: str) -> sb.ValidatedRegistry
     return registry.validate()
 
 
-def _check_group_across_pools(config: sb.ValidatedRegistry) -> None:
-    with config.broker() as broker:
+def _check_group_across_pools(config: sb.ValidatedRegistry, open_broker: OpenBroker) -> None:
+    with open_broker(config) as broker:
         published = []
         for n in range(6):
             published.append(broker.publish("orders", {"order": n}))
@@ -277,19 +277,23 @@ def _check_group_across_pools(config: sb.ValidatedRegistry) -> None:
         assert {e.stream for e in billing.events} == {"orders"}
 
 
-def test_group_reading_streams_in_two_pools(server: Server) -> None:
-    _check_group_across_pools(_two_pool_config(f"{server.address}:1", f"{server.address}:2"))
+def test_group_reading_streams_in_two_pools(server: Server, open_broker: OpenBroker) -> None:
+    config = _two_pool_config(f"{server.address}:1", f"{server.address}:2")
+    _check_group_across_pools(config, open_broker)
 
 
-def test_group_reading_streams_on_two_servers(valkey: Server, redis_server: Server) -> None:
-    _check_group_across_pools(_two_pool_config(f"{valkey.address}:0", f"{redis_server.address}:0"))
+def test_group_reading_streams_on_two_servers(
+    valkey: Server, redis_server: Server, open_broker: OpenBroker
+) -> None:
+    config = _two_pool_config(f"{valkey.address}:0", f"{redis_server.address}:0")
+    _check_group_across_pools(config, open_broker)
 
 
 def test_blocking_read_across_two_pools_delivers_from_either(
-    server: Server, running: list[threading.Thread]
+    server: Server, running: list[threading.Thread], open_broker: OpenBroker
 ) -> None:
     config = _two_pool_config(f"{server.address}:1", f"{server.address}:2")
-    with config.broker() as broker:
+    with open_broker(config) as broker:
         consumer = broker.consumer("audit", block_timeout=0.2)
         recorder = Recorder()
         thread = threading.Thread(target=consumer.consume, args=(recorder,))
@@ -322,24 +326,24 @@ def test_invalid_consumer_name_is_refused(broker: sb.Broker, name: str) -> None:
         broker.consumer("read-group-a", name=name)
 
 
-def test_unreachable_pool_is_a_clear_error() -> None:
+def test_unreachable_pool_is_a_clear_error(open_broker: OpenBroker) -> None:
     registry = sb.Registry()
     registry.register_redis(f"127.0.0.1:{free_port()}", pool="gone")
     registry.register_stream("s", "gone", ["g"])
-    with registry.validate().broker(connect_timeout=2) as broker:
+    with open_broker(registry.validate(), connect_timeout=2) as broker:
         with pytest.raises(sb.PoolConnectionError, match="redis pool 'gone'") as caught:
             broker.publish("s", "x")
         assert isinstance(caught.value, sb.BrokerError)
 
 
 def test_wrong_password_is_an_authentication_error_without_the_password(
-    server: Server,
+    server: Server, open_broker: OpenBroker
 ) -> None:
     registry = sb.Registry()
     registry.register_redis(f"redis://nobody:s3cr3t-pw@{server.address}/0", pool="locked")
     registry.register_stream("s", "locked", ["g"])
     with (
-        registry.validate().broker() as broker,
+        open_broker(registry.validate()) as broker,
         pytest.raises(sb.PoolAuthenticationError) as caught,
     ):
         broker.publish("s", "x")
@@ -348,13 +352,13 @@ def test_wrong_password_is_an_authentication_error_without_the_password(
 
 
 def test_closing_the_broker_closes_its_connections(
-    config: sb.ValidatedRegistry, server: Server
+    config: sb.ValidatedRegistry, server: Server, open_broker: OpenBroker
 ) -> None:
     def ours() -> int:
         clients = server.client().client_list()
         return sum(1 for c in clients if c.get("name") == "streambroker")
 
-    with config.broker() as broker:
+    with open_broker(config) as broker:
         broker.publish("stream-a", 1)
         broker.publish("stream-c", 2)
         assert ours() >= 2

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import streambroker as sb
 
-from .conftest import Server
+from .conftest import OpenBroker, Server
 
 
 @dataclass
@@ -125,11 +125,13 @@ def test_none_body_with_and_without_meta(broker: sb.Broker, server: Server) -> N
 
 
 @pytest.mark.parametrize("codec", ["msgpack", "json"])
-def test_typed_bodies_decode_into_their_types(config: sb.ValidatedRegistry, codec: str) -> None:
+def test_typed_bodies_decode_into_their_types(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, codec: str
+) -> None:
     order = Order(7, "book", [1.5, 2.25])
     point = Point(x=3, y=-4)
     user = User(name="ada", tags=["admin", "ops"])
-    with config.broker(codec=codec) as broker:
+    with open_broker(config, codec=codec) as broker:
         broker.publish("stream-a", order, meta={"type": "order"})
         broker.publish("stream-a", point, meta={"type": "point"})
         broker.publish("stream-a", user, meta={"type": "user"})
@@ -170,9 +172,11 @@ def test_raw_entry_holds_meta_body_and_codec(broker: sb.Broker, server: Server) 
     assert msgspec.msgpack.decode(fields[b"$body"]) == body
 
 
-def test_json_codec_writes_json(config: sb.ValidatedRegistry, server: Server) -> None:
+def test_json_codec_writes_json(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
+) -> None:
     body = {"price": 9.5, "items": ["a", "b"], "ok": True, "none": None}
-    with config.broker(codec="json") as broker:
+    with open_broker(config, codec="json") as broker:
         event_id = broker.publish("stream-a", body, meta={"source": "shop"})
         (event,) = consume(broker)
 
@@ -185,8 +189,10 @@ def test_json_codec_writes_json(config: sb.ValidatedRegistry, server: Server) ->
     assert event.body == body
 
 
-def test_one_consumer_decodes_mixed_codecs(config: sb.ValidatedRegistry) -> None:
-    with config.broker(codec="json") as json_broker, config.broker() as msgpack_broker:
+def test_one_consumer_decodes_mixed_codecs(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry
+) -> None:
+    with open_broker(config, codec="json") as json_broker, open_broker(config) as msgpack_broker:
         keys = [
             ("stream-a", msgpack_broker.publish("stream-a", {"n": 1})),
             ("stream-a", json_broker.publish("stream-a", {"n": 2})),
@@ -237,9 +243,9 @@ def test_error_classes_are_broker_errors() -> None:
     ],
 )
 def test_unencodable_body_raises_and_writes_nothing(
-    config: sb.ValidatedRegistry, server: Server, codec: str, body: Any
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server, codec: str, body: Any
 ) -> None:
-    with config.broker(codec=codec) as broker:
+    with open_broker(config, codec=codec) as broker:
         broker.publish("stream-a", "before")
         with pytest.raises(sb.EncodeError, match="stream-a") as caught:
             broker.publish("stream-a", body)
@@ -259,9 +265,9 @@ def test_unencodable_body_raises_and_writes_nothing(
 
 
 def test_body_over_max_body_size_raises_and_writes_nothing(
-    config: sb.ValidatedRegistry, server: Server
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
 ) -> None:
-    with config.broker(max_body_size=100) as broker:
+    with open_broker(config, max_body_size=100) as broker:
         # msgpack bin 8: two header bytes, then the data.
         fits = broker.publish("stream-a", b"x" * 98)
         with pytest.raises(sb.PayloadTooLargeError, match="stream-a") as caught:

@@ -17,7 +17,7 @@ from hypothesis.stateful import (
 
 import streambroker as sb
 
-from .conftest import Server
+from .conftest import OpenBroker, Server
 
 
 def ids_in(client: redis.Redis, stream: str) -> list[str]:
@@ -78,8 +78,10 @@ def test_acks_out_of_order_are_collected_around_a_pending_event(
     assert ids_in(client, "stream-b") == ids[:1]  # collected as the acks went out
 
 
-def test_collect_garbage_on_demand(config: sb.ValidatedRegistry, server: Server) -> None:
-    with config.broker() as broker:
+def test_collect_garbage_on_demand(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
+) -> None:
+    with open_broker(config) as broker:
         for n in range(30):
             broker.publish("stream-a", n)
             broker.publish("stream-c", n)
@@ -122,10 +124,10 @@ def test_unregistered_groups_do_not_hold_events_back(broker: sb.Broker, server: 
 
 
 def test_a_large_acknowledged_backlog_goes_in_one_call(
-    config: sb.ValidatedRegistry, server: Server
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
 ) -> None:
     client = server.client(3)
-    with config.broker() as broker:
+    with open_broker(config) as broker:
         broker.publish("stream-c", "prime")  # creates the group
         pipe = client.pipeline(transaction=False)
         for n in range(20_000):
@@ -149,7 +151,9 @@ GROUPS = ("read-group-a", "read-group-ab")
 CONSUMERS = ("c1", "c2")
 
 
-def test_no_event_is_removed_before_every_group_acked_it(server: Server) -> None:
+def test_no_event_is_removed_before_every_group_acked_it(
+    open_broker: OpenBroker, server: Server
+) -> None:
     """Random interleavings of publish, read, ack, fail, claim, dead-letter and collect."""
     registry = sb.Registry()
     registry.register_redis(f"{server.address}:5")
@@ -162,7 +166,7 @@ def test_no_event_is_removed_before_every_group_acked_it(server: Server) -> None
             super().__init__()
             self.client = server.client(5)
             self.client.flushdb()
-            self.broker = config.broker()
+            self.broker = open_broker(config)
             self.published: dict[str, list[str]] = {s: [] for s in STREAM_GROUPS}
             self.acked: dict[tuple[str, str], set[str]] = {
                 (s, g): set() for s, groups in STREAM_GROUPS.items() for g in groups

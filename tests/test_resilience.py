@@ -19,7 +19,7 @@ import redis
 
 import streambroker as sb
 
-from .conftest import Server, _require_binary, wait_for
+from .conftest import OpenBroker, Server, _require_binary, wait_for
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
@@ -273,13 +273,13 @@ def test_claim_refuses_a_running_consumer(broker: sb.Broker, running: Running) -
 
 
 def test_scaling_one_three_one_under_a_steady_publisher_loses_nothing(
-    config: sb.ValidatedRegistry, server: Server, running: Running
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server, running: Running
 ) -> None:
     published: list[str] = []
     done = threading.Event()
 
     def publish() -> None:
-        with config.broker() as producer:
+        with open_broker(config) as producer:
             n = 0
             while not done.is_set():
                 published.append(producer.publish("stream-b", n))
@@ -287,7 +287,7 @@ def test_scaling_one_three_one_under_a_steady_publisher_loses_nothing(
                 time.sleep(0.002)
 
     collector = Collector()
-    brokers = [config.broker() for _ in range(3)]
+    brokers = [open_broker(config) for _ in range(3)]
     try:
         consumers = [b.consumer("read-group-ab", f"c{i}", **FAST) for i, b in enumerate(brokers)]
         producer = threading.Thread(target=publish)
@@ -423,10 +423,11 @@ def test_stop_interrupts_a_blocking_read(broker: sb.Broker, server: Server) -> N
 
 
 def test_block_timeout_must_stay_below_the_socket_timeout(
+    open_broker: OpenBroker,
     config: sb.ValidatedRegistry,
 ) -> None:
     with (
-        config.broker(socket_timeout=2.0) as broker,
+        open_broker(config, socket_timeout=2.0) as broker,
         pytest.raises(sb.InvalidArgumentError, match="block_timeout"),
     ):
         broker.consumer("read-group-a", block_timeout=2.0)
@@ -481,11 +482,11 @@ def test_pending_event_deleted_under_a_crashed_consumer_is_settled(
     assert client.xpending("stream-a", "read-group-a")["pending"] == 0
 
 
-def test_auth_errors_are_not_retried(server: Server) -> None:
+def test_auth_errors_are_not_retried(open_broker: OpenBroker, server: Server) -> None:
     registry = sb.Registry()
     registry.register_redis(f"redis://nobody:wrong@{server.address}/0")
     registry.register_stream("s", "default", ["g"])
-    with registry.validate().broker() as broker, pytest.raises(sb.PoolAuthenticationError):
+    with open_broker(registry.validate()) as broker, pytest.raises(sb.PoolAuthenticationError):
         broker.consumer("g").consume(lambda events: None, block=True)
 
 
@@ -504,13 +505,13 @@ def durable(tmp_path: Path) -> Iterator[Server]:
 
 
 def test_server_restart_while_a_consumer_blocks(
-    durable: Server, running: Running, caplog: pytest.LogCaptureFixture
+    open_broker: OpenBroker, durable: Server, running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="streambroker")
     registry = sb.Registry()
     registry.register_redis(durable.address)
     registry.register_stream("stream-a", "default", ["read-group-a"])
-    with registry.validate().broker() as broker:
+    with open_broker(registry.validate()) as broker:
         before = [broker.publish("stream-a", n) for n in range(5)]
         collector = Collector()
         running.start(broker.consumer("read-group-a", "steady", **FAST), collector)

@@ -4,6 +4,8 @@ Register pools and streams in a :class:`Registry` (or YAML), validate it, make a
 :class:`Broker`, publish events and consume them with named consumers of groups.
 """
 
+from ._face import ConsumerSettings
+from .async_broker import AsyncBatch, AsyncBroker, AsyncConsumer, AsyncHandler
 from .broker import Batch, Broker, Consumer, Handler
 from .codecs import Codec
 from .config import PoolSpec, Registry, StreamSpec, ValidatedRegistry
@@ -33,6 +35,10 @@ from .stats import ConsumerStats, GroupStats, StreamStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncBatch",
+    "AsyncBroker",
+    "AsyncConsumer",
+    "AsyncHandler",
     "Batch",
     "Broker",
     "BrokerError",
@@ -40,6 +46,7 @@ __all__ = [
     "ConfigError",
     "Consumer",
     "ConsumerBusyError",
+    "ConsumerSettings",
     "ConsumerStats",
     "DeadLetter",
     "DecodeError",

@@ -12,55 +12,40 @@ import threading
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, Unpack
 
 from . import consuming, deadletters, gc, stats
+from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
-from .consuming import ConsumerCore, ConsumerOptions
-from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore
 from .deadletters import DeadLetter
 from .events import Event
-from .publishing import BatchBuffer, publish
+from .publishing import publish
 from .stats import GroupStats, StreamStats
 
 __all__ = ["Batch", "Broker", "Consumer", "Handler"]
 
 #: A handler takes the events of one batch; its return value is ignored.
 Handler = Callable[[list[Event]], object]
-HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
-
-DEFAULT_CONSUMER = "consumer-1"
 
 log = logging.getLogger("streambroker.consumer")
 
 
-class Broker:
+class Broker(BrokerFace[SyncDriver]):
     """Publishes to and consumes from the registered streams (synchronous API).
 
     Options: ``codec`` (``"msgpack"``, the default, or ``"json"``) for the bodies it
     publishes; ``max_body_size`` (bytes, default 1 MiB) above which a body is refused
     before anything is sent; ``socket_timeout`` and ``connect_timeout`` (seconds).
-    Connections are opened on first use; :meth:`close` (or ``with``) closes them.
+    Connections are opened on first use; :meth:`close` (or ``with``) closes them. A
+    broker may be shared by threads.
     """
 
-    def __init__(
-        self,
-        registry: ValidatedRegistry,
-        *,
-        codec: str = "msgpack",
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        socket_timeout: float = 10.0,
-        connect_timeout: float = 5.0,
-    ) -> None:
-        self._core = BrokerCore(registry, codec=codec, max_body_size=max_body_size)
-        self._driver = SyncDriver(registry, ConnectionOptions(socket_timeout, connect_timeout))
-
-    @property
-    def registry(self) -> ValidatedRegistry:
-        """The registry this broker serves."""
-        return self._core.registry
+    def _make_driver(
+        self, registry: ValidatedRegistry, connection: ConnectionOptions
+    ) -> SyncDriver:
+        return SyncDriver(registry, connection)
 
     def publish(self, stream: str, body: Any = None, meta: Mapping[str, str] | None = None) -> str:
         """Publish one event to ``stream``; returns its id (e.g. ``"1518951480106-0"``).
@@ -74,51 +59,15 @@ class Broker:
         """A batch of events sent together when its ``with`` block ends."""
         return Batch(self)
 
-    def handler(
-        self, group: str, *, count: int = 10, **options: Any
-    ) -> Callable[[HandlerT], HandlerT]:
-        """Register the decorated function as the handler of ``group``.
-
-        ``streambroker worker MODULE:BROKER`` then runs it with consumers of the
-        group; ``options`` are those of :meth:`consumer`.
-        """
-
-        def register(function: HandlerT) -> HandlerT:
-            self._core.add_handler(group, function, count, options)
-            return function
-
-        return register
-
     def consumer(
-        self,
-        group: str,
-        name: str = DEFAULT_CONSUMER,
-        *,
-        block_timeout: float = 1.0,
-        collect: bool = True,
-        retry_after: float = 30.0,
-        lease: float = 30.0,
-        max_deliveries: int = 5,
-        retry_delay: float = 1.0,
+        self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]
     ) -> Consumer:
         """A consumer named ``name`` of the registered consumer group ``group``.
 
-        - ``block_timeout``: the longest a blocking read waits before the consumer
-          looks again whether it was stopped (seconds).
-        - ``collect``: acknowledging also removes the events every group acknowledged.
-        - ``retry_after``: pending events idle this long (their consumer crashed or
-          hangs) are taken over by a live consumer of the group (seconds).
-        - ``lease``: how long a consumer name stays taken after its process died.
-        - ``max_deliveries``: deliveries after which a failing event is set aside as a
-          dead letter.
-        - ``retry_delay``: back-off before a failed event is delivered again; doubles
-          with each delivery, jittered, up to ``retry_after``.
+        Options: ``block_timeout``, ``collect``, ``retry_after``, ``lease``,
+        ``max_deliveries``, ``retry_delay`` (see :class:`ConsumerSettings`).
         """
-        options = ConsumerOptions(
-            block_timeout, collect, retry_after, lease, max_deliveries, retry_delay
-        )
-        core = ConsumerCore(self._core, group, name, options, self._driver.options.socket_timeout)
-        return Consumer(self, core)
+        return Consumer(self, self._consumer_core(group, name, options))
 
     def collect_garbage(self, *streams: str) -> dict[str, int]:
         """Remove the events every registered group acknowledged, now.
@@ -145,13 +94,11 @@ class Broker:
 
     def stream_stats(self, stream: str) -> StreamStats:
         """Statistics of one stream, its groups and their consumers."""
-        (result,) = self.stats(stream)
-        return result
+        return self._driver.run(stats.stream_stats(self._core, stream))
 
     def group_stats(self, stream: str, group: str) -> GroupStats:
         """Statistics of one group on one stream."""
-        self._core.stream_group(stream, group)
-        return next(g for g in self.stream_stats(stream).groups if g.group == group)
+        return self._driver.run(stats.group_stats(self._core, stream, group))
 
     def remove_consumer(self, group: str, name: str, to: str | None = None) -> int:
         """Delete a stopped consumer from its group, without losing its pending events.
@@ -178,7 +125,7 @@ class Broker:
         self.close()
 
 
-class Batch:
+class Batch(BatchFace):
     """Events published together: one pipelined round trip per pool.
 
     Each :meth:`publish` encodes its event at once (a bad body raises there). The
@@ -187,20 +134,8 @@ class Batch:
     """
 
     def __init__(self, broker: Broker) -> None:
+        super().__init__(broker)
         self._driver = broker._driver
-        self._buffer = BatchBuffer(broker._core)
-
-    @property
-    def ids(self) -> list[str]:
-        """The ids of the events sent so far, in publish order."""
-        return self._buffer.ids
-
-    def __len__(self) -> int:
-        return len(self._buffer)
-
-    def publish(self, stream: str, body: Any = None, meta: Mapping[str, str] | None = None) -> None:
-        """Queue one event (see :meth:`Broker.publish`)."""
-        self._buffer.add(stream, body, meta)
 
     def flush(self) -> list[str]:
         """Send the queued events now; returns their ids."""
@@ -219,26 +154,13 @@ class Batch:
             self.flush()
 
 
-class Consumer:
+class Consumer(ConsumerFace):
     """One named consumer of a consumer group."""
 
-    def __init__(self, broker: Broker, core: ConsumerCore) -> None:
+    def __init__(self, broker: Broker, core: consuming.ConsumerCore) -> None:
+        super().__init__(core)
         self._driver = broker._driver
-        self._core = core
         self._wake = threading.Event()
-
-    def __repr__(self) -> str:
-        return f"Consumer(group={self.group!r}, name={self.name!r})"
-
-    @property
-    def group(self) -> str:
-        """The consumer group's name."""
-        return self._core.group
-
-    @property
-    def name(self) -> str:
-        """This consumer's name within its group."""
-        return self._core.name
 
     def consume(
         self,
@@ -264,7 +186,7 @@ class Consumer:
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         self._wake.clear()
-        with _StopOnSignals(self) if handle_signals else nullcontext():
+        with _StopOnSignals(self.stop) if handle_signals else nullcontext():
             return self._driver.run(self._core.consume(count, block), handler, self._wake)
 
     def stop(self) -> None:
@@ -287,25 +209,21 @@ class Consumer:
 
 
 class _StopOnSignals:
-    """Within the block, SIGTERM and SIGINT stop the consumer instead of killing it."""
+    """Within the block, SIGTERM and SIGINT call ``stop`` instead of killing the process."""
 
     _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, consumer: Consumer) -> None:
-        self._consumer = consumer
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
         self._previous: dict[int, Any] = {}
 
-    def _stop(self, signum: int, frame: FrameType | None) -> None:
-        log.info(
-            "%s: %s received, stopping after the batch in hand",
-            self._consumer,
-            signal.Signals(signum).name,
-        )
-        self._consumer.stop()
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("%s received: stopping after the batch in hand", signal.Signals(signum).name)
+        self._stop()
 
     def __enter__(self) -> None:
         for sig in self._SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._stop)
+            self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():

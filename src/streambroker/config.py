@@ -19,6 +19,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .async_broker import AsyncBroker
     from .broker import Broker
 
 __all__ = [
@@ -133,6 +134,12 @@ class ValidatedRegistry:
         from .broker import Broker
 
         return Broker(self, **options)
+
+    def async_broker(self, **options: Any) -> AsyncBroker:
+        """Make an :class:`~streambroker.AsyncBroker` (asyncio); same options."""
+        from .async_broker import AsyncBroker
+
+        return AsyncBroker(self, **options)
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,28 @@
 
 Clients speak RESP2 and return raw replies (no redis-py reply callbacks), so the
 I/O-free core parses every reply itself, the same way for the sync and async faces.
-They do not retry failed commands: the caller sees the failure.
+They do not retry failed commands (a re-sent XADD could publish twice): the caller
+sees the failure, and consumers retry with back-off and a log line themselves.
 A client holds a connection pool of its own: each thread or task takes a connection
 as it needs one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .config import PoolSpec
 from .embedded import EmbeddedServer
 
-__all__ = ["ConnectionOptions", "client_kwargs", "sync_client"]
+__all__ = ["ConnectionOptions", "async_client", "client_kwargs", "sync_client"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,6 @@ def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
         "socket_timeout": options.socket_timeout,
         "socket_connect_timeout": options.connect_timeout,
         "client_name": "streambroker",
-        # No silent retries inside redis-py: a re-sent XADD could publish twice, and
-        # consumers retry (with back-off and a log line) themselves.
-        "retry": Retry(NoBackoff(), 0),
     }
     if spec.kind == "tcp":
         kwargs.update(host=spec.host, port=spec.port)
@@ -50,13 +51,26 @@ def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
     return kwargs
 
 
+ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
+
+
+def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
+    if spec.kind == "url":
+        assert spec.url is not None
+        client = cls.from_url(spec.url, **kwargs)
+    else:
+        client = cls(**kwargs)
+    client.response_callbacks.clear()
+    return client
+
+
 def sync_client(spec: PoolSpec, options: ConnectionOptions) -> redis.Redis:
     """A synchronous client of the pool ``spec``."""
     kwargs = client_kwargs(spec, options)
-    if spec.kind == "url":
-        assert spec.url is not None
-        client = redis.Redis.from_url(spec.url, **kwargs)
-    else:
-        client = redis.Redis(**kwargs)
-    client.response_callbacks.clear()
-    return client
+    return _client(redis.Redis, spec, {**kwargs, "retry": Retry(NoBackoff(), 0)})
+
+
+async def async_client(spec: PoolSpec, options: ConnectionOptions) -> redis.asyncio.Redis:
+    """An asyncio client of the pool ``spec`` (an embedded server starts in a thread)."""
+    kwargs = await asyncio.to_thread(client_kwargs, spec, options)
+    return _client(redis.asyncio.Redis, spec, {**kwargs, "retry": AsyncRetry(NoBackoff(), 0)})

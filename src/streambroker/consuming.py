@@ -206,6 +206,7 @@ class ConsumerCore:
             while not (self.stopping and failures):
                 reading_new = not self._own
                 try:
+                    yield from self.core.ensure_groups(self._by_pool)  # at once when lost
                     events = yield from self._step(count, block and not self.stopping)
                 except (PoolConnectionError, ServerReplyError) as exc:
                     failures += 1

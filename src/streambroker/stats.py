@@ -212,6 +212,19 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
     return result
 
 
+def stream_stats(core: BrokerCore, stream: str) -> Op[StreamStats]:
+    """The statistics of one stream."""
+    (result,) = yield from collect_stats(core, [stream])
+    return result
+
+
+def group_stats(core: BrokerCore, stream: str, group: str) -> Op[GroupStats]:
+    """The statistics of one group on one stream."""
+    core.stream_group(stream, group)
+    result = yield from stream_stats(core, stream)
+    return next(g for g in result.groups if g.group == group)
+
+
 def _run(plans: list[_Plan]) -> Op[list[list[Any]]]:
     """Send each plan's commands, one pipeline per pool; the replies, per plan."""
     per_pool: dict[str, list[Command]] = {}

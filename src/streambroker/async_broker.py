@@ -1,0 +1,184 @@
+"""The asyncio face: :class:`AsyncBroker`, :class:`AsyncBatch` and :class:`AsyncConsumer`.
+
+The same operations as the synchronous face, as coroutines, run by the asyncio I/O
+layer on the same I/O-free core; see :mod:`streambroker.broker` for the details of
+each operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Unpack
+
+from . import consuming, deadletters, gc, stats
+from ._async import AsyncDriver
+from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
+from .config import ValidatedRegistry
+from .connection import ConnectionOptions
+from .deadletters import DeadLetter
+from .events import Event
+from .publishing import publish
+from .stats import GroupStats, StreamStats
+
+__all__ = ["AsyncBatch", "AsyncBroker", "AsyncConsumer", "AsyncHandler"]
+
+#: An asyncio handler; plain functions are accepted too, and run in a worker thread.
+AsyncHandler = Callable[[list[Event]], Awaitable[object] | object]
+
+
+class AsyncBroker(BrokerFace[AsyncDriver]):
+    """Publishes to and consumes from the registered streams (asyncio API).
+
+    The options are those of :class:`~streambroker.Broker`. Use it as
+    ``async with config.async_broker() as broker:`` or call :meth:`close`.
+    """
+
+    def _make_driver(
+        self, registry: ValidatedRegistry, connection: ConnectionOptions
+    ) -> AsyncDriver:
+        return AsyncDriver(registry, connection)
+
+    async def publish(
+        self, stream: str, body: Any = None, meta: Mapping[str, str] | None = None
+    ) -> str:
+        """Publish one event; returns its id (as :meth:`Broker.publish`)."""
+        return await self._driver.run(publish(self._core, stream, body, meta))
+
+    def batch(self) -> AsyncBatch:
+        """A batch sent when its ``async with`` block ends."""
+        return AsyncBatch(self)
+
+    def consumer(
+        self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]
+    ) -> AsyncConsumer:
+        """A consumer of ``group`` (options as :meth:`Broker.consumer`)."""
+        return AsyncConsumer(self, self._consumer_core(group, name, options))
+
+    async def collect_garbage(self, *streams: str) -> dict[str, int]:
+        """Remove what every group acknowledged; counts per stream."""
+        return await self._driver.run(gc.collect(self._core, streams))
+
+    async def dead_letters(self, stream: str, group: str, limit: int = 1000) -> list[DeadLetter]:
+        """The dead letters of ``group`` from ``stream``, oldest first."""
+        return await self._driver.run(
+            deadletters.list_dead_letters(self._core, stream, group, limit)
+        )
+
+    async def replay_dead_letters(self, stream: str, group: str) -> int:
+        """Put ``group``'s dead letters from ``stream`` back, for that group only."""
+        return await self._driver.run(deadletters.replay_dead_letters(self._core, stream, group))
+
+    async def stats(self, *streams: str) -> list[StreamStats]:
+        """Statistics of the given streams, or of all."""
+        return await self._driver.run(stats.collect_stats(self._core, streams))
+
+    async def stream_stats(self, stream: str) -> StreamStats:
+        """Statistics of one stream."""
+        return await self._driver.run(stats.stream_stats(self._core, stream))
+
+    async def group_stats(self, stream: str, group: str) -> GroupStats:
+        """Statistics of one group on one stream."""
+        return await self._driver.run(stats.group_stats(self._core, stream, group))
+
+    async def remove_consumer(self, group: str, name: str, to: str | None = None) -> int:
+        """Delete a stopped consumer, moving its pending events first."""
+        return await self._driver.run(consuming.remove_consumer(self._core, group, name, to))
+
+    async def close(self) -> None:
+        """Close every connection of this broker."""
+        await self._driver.close()
+
+    async def __aenter__(self) -> AsyncBroker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class AsyncBatch(BatchFace):
+    """Events sent together (one pipelined round trip per pool) when the block ends.
+
+    ``publish`` queues without waiting; nothing is sent if the block raises.
+    """
+
+    def __init__(self, broker: AsyncBroker) -> None:
+        super().__init__(broker)
+        self._driver = broker._driver
+
+    async def flush(self) -> list[str]:
+        """Send the queued events now; returns their ids."""
+        return await self._driver.run(self._buffer.flush())
+
+    async def __aenter__(self) -> AsyncBatch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.flush()
+
+
+class AsyncConsumer(ConsumerFace):
+    """One named consumer of a consumer group (asyncio)."""
+
+    def __init__(self, broker: AsyncBroker, core: consuming.ConsumerCore) -> None:
+        super().__init__(core)
+        self._driver = broker._driver
+        self._wake: asyncio.Event | None = None
+
+    async def consume(
+        self,
+        handler: AsyncHandler,
+        count: int = 10,
+        *,
+        block: bool = True,
+        handle_signals: bool | None = None,
+    ) -> int:
+        """Hand the group's events to ``handler`` (as :meth:`Consumer.consume`).
+
+        Cancelling the task is a graceful stop: the batch in hand is finished, or left
+        pending if the handler itself was cancelled; acknowledgements go out and the
+        consumer name is released before the cancellation propagates.
+        """
+        self._core.check_count(count)
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._stop_now)
+        try:
+            return await self._driver.run(self._core.consume(count, block), handler, self._wake)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    def _stop_now(self) -> None:
+        self._core.stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Make a running :meth:`consume` return once the batch in hand is handled."""
+        self._stop_now()
+
+    async def claim(self, from_name: str, to_name: str, *, force: bool = False) -> int:
+        """Move every pending event of ``from_name`` to ``to_name`` (as
+        :meth:`Consumer.claim`)."""
+        return await self._driver.run(
+            consuming.claim(self._core.core, self.group, from_name, to_name, force)
+        )

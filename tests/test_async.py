@@ -1,0 +1,148 @@
+"""The asyncio face with coroutine handlers: what the sync facade cannot show."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import streambroker as sb
+
+from .conftest import Server
+
+FAST: sb.ConsumerSettings = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2}
+
+
+def ours(server: Server) -> int:
+    """Connections the broker holds open on the server."""
+    return sum(1 for c in server.client().client_list() if c.get("name") == "streambroker")
+
+
+def test_coroutine_handlers_publish_batch_and_collect(
+    config: sb.ValidatedRegistry, server: Server
+) -> None:
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            first = await broker.publish("stream-a", {"n": 0}, meta={"v": "1"})
+            async with broker.batch() as batch:
+                for n in range(1, 5):
+                    batch.publish("stream-a", {"n": n})
+            assert len(batch.ids) == 4
+            seen: list[tuple[str, object]] = []
+
+            async def handler(events: list[sb.Event]) -> None:
+                await asyncio.sleep(0)
+                seen.extend((e.id, e.body) for e in events)
+
+            for group in ("read-group-a", "read-group-ab"):
+                handled = await broker.consumer(group).consume(handler, count=2, block=False)
+                assert handled == 5
+            assert seen[0] == (first, {"n": 0})
+            assert [body for _, body in seen[:5]] == [{"n": n} for n in range(5)]
+            stats = await broker.stream_stats("stream-a")
+            assert stats.length == 0  # both groups acknowledged: collected
+        assert ours(server) == 0
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_consumer_is_a_graceful_stop(
+    config: sb.ValidatedRegistry, server: Server
+) -> None:
+    client = server.client()
+
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            ids = [await broker.publish("stream-a", n) for n in range(3)]
+            started = asyncio.Event()
+
+            async def stuck(events: list[sb.Event]) -> None:
+                events[0].ack()
+                started.set()
+                await asyncio.Event().wait()
+
+            consumer = broker.consumer("read-group-a", "cancelled", **FAST)
+            task = asyncio.create_task(consumer.consume(stuck, count=3))
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The acked event is acknowledged, the rest left pending, never half-acked.
+            rows = client.xpending_range("stream-a", "read-group-a", "-", "+", 10)
+            assert [r["message_id"].decode() for r in rows] == ids[1:]
+            assert not client.exists("sb:lease:read-group-a:cancelled")  # name released
+
+            # Cancelling a consumer waiting in a blocking read, again and again, leaves
+            # no connection behind and the name free.
+            baseline = ours(server)
+            for _ in range(5):
+                idle = broker.consumer("read-group-c", "waiting", **FAST)
+                task = asyncio.create_task(idle.consume(stuck))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert ours(server) <= baseline + 2
+            assert not server.client(3).exists("sb:lease:read-group-c:waiting")
+
+            # The cancelled consumer starts again with its pending events.
+            handled: list[str] = []
+
+            async def record(events: list[sb.Event]) -> None:
+                handled.extend(e.id for e in events)
+
+            assert await consumer.consume(record, block=False) == 2
+            assert handled == ids[1:]
+        assert ours(server) == 0
+
+    asyncio.run(main())
+
+
+def test_stop_from_another_task(config: sb.ValidatedRegistry) -> None:
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            consumer = broker.consumer("read-group-c", **FAST)
+            got: list[object] = []
+
+            async def handler(events: list[sb.Event]) -> None:
+                got.extend(e.body for e in events)
+                await consumer.stop()
+
+            task = asyncio.create_task(consumer.consume(handler))
+            await broker.publish("stream-c", "x")
+            assert await asyncio.wait_for(task, timeout=10) == 1
+            assert got == ["x"]
+
+    asyncio.run(main())
+
+
+def test_a_slow_coroutine_handler_keeps_its_events(
+    config: sb.ValidatedRegistry, server: Server
+) -> None:
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            event_id = await broker.publish("stream-a", "slow")
+            counts: list[int] = []
+            others: list[str] = []
+
+            async def slow(events: list[sb.Event]) -> None:
+                counts.extend(e.delivery_count for e in events)
+                await asyncio.sleep(2.0)  # four times retry_after
+
+            async def other(events: list[sb.Event]) -> None:
+                others.extend(e.id for e in events)
+
+            helper = broker.consumer("read-group-a", "other", **FAST)
+            helper_task = asyncio.create_task(helper.consume(other))
+            handled = await broker.consumer("read-group-a", "slow", **FAST).consume(
+                slow, block=False
+            )
+            await helper.stop()
+            await helper_task
+            assert handled == 1
+            assert counts == [1]
+            assert others == []  # never reclaimed while the handler ran
+            assert event_id not in others
+        assert server.client().xpending("stream-a", "read-group-a")["pending"] == 0
+
+    asyncio.run(main())
