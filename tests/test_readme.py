@@ -29,6 +29,13 @@ def test_the_python_example_runs(server: Server, capsys: pytest.CaptureFixture[s
     assert "{'color': 'red', 'price': 12.34}" in printed
 
 
+def test_the_asyncio_example_runs(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    (example,) = [block for block in _blocks("python") if "asyncio.run" in block]
+    code = example.replace("localhost:6379", server.address)
+    exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.splitlines() == ["view of /about-us/", "view of /"]
+
+
 def test_the_yaml_example_is_the_python_example() -> None:
     yaml_config = sb.Registry.from_yaml(_blocks("yaml")[0]).validate()
     registry = sb.Registry()
