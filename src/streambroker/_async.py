@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, TypeVar
 
 import redis.asyncio
-import redis.exceptions as rex
 
-from ._effects import Handle, Op, Parallel, ReplyError, Send, Sleep, translate_error
+from . import _effects as fx
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions, async_client
 from .errors import BrokerError
 
 T = TypeVar("T")
-
-Handler = Callable[[Any], object]
-
-log = logging.getLogger("streambroker")
 
 
 class AsyncDriver:
@@ -52,35 +45,36 @@ class AsyncDriver:
         return client
 
     async def run(
-        self, op: Op[T], handler: Handler | None = None, wake: asyncio.Event | None = None
+        self, op: fx.Op[T], handler: fx.AnyHandler | None = None, wake: asyncio.Event | None = None
     ) -> T:
         """Drive ``op`` to completion and return its result.
 
-        ``handler`` performs :class:`Handle` effects (coroutine functions are awaited,
-        other callables run in a worker thread); ``wake`` cuts :class:`Sleep` short.
+        ``handler`` performs :class:`fx.Handle` effects (coroutine functions are awaited,
+        other callables run in a worker thread); ``wake`` cuts :class:`fx.Sleep` short.
         """
-        try:
-            effect = next(op)
-            while True:
-                try:
-                    if isinstance(effect, Send):
-                        result: Any = await self._send(effect)
-                    elif isinstance(effect, Parallel):
-                        result = await self._parallel(effect)
-                    elif isinstance(effect, Sleep):
-                        result = None
-                        await _sleep(effect.seconds, wake)
-                    else:
-                        assert handler is not None
-                        result = await self._handle(effect, handler)
-                except BaseException as exc:
-                    effect = op.throw(exc)
-                else:
-                    effect = op.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        driving = fx.Driving(op)
+        while not driving.done:
+            try:
+                result = await self._perform(driving.effect, handler, wake)
+            except BaseException as exc:
+                driving.resume(None, exc)
+            else:
+                driving.resume(result, None)
+        return driving.result  # type: ignore[return-value]
 
-    async def _handle(self, effect: Handle, handler: Handler) -> object:
+    async def _perform(
+        self, effect: fx.Effect, handler: fx.AnyHandler | None, wake: asyncio.Event | None
+    ) -> Any:
+        if isinstance(effect, fx.Send):
+            return await self._send(effect)
+        if isinstance(effect, fx.Parallel):
+            return await self._parallel(effect)
+        if isinstance(effect, fx.Sleep):
+            return await _sleep(effect.seconds, wake)
+        assert handler is not None
+        return await self._handle(effect, handler)
+
+    async def _handle(self, effect: fx.Handle, handler: fx.AnyHandler) -> object:
         beating = None
         if effect.heartbeat is not None:
             beating = asyncio.create_task(self._beat(effect))
@@ -98,37 +92,24 @@ class AsyncDriver:
                 with suppress(asyncio.CancelledError):
                     await beating
 
-    async def _beat(self, effect: Handle) -> None:
+    async def _beat(self, effect: fx.Handle) -> None:
         assert effect.heartbeat is not None
         while True:
             await asyncio.sleep(effect.interval)
             try:
                 await self.run(effect.heartbeat())
             except BrokerError as exc:
-                log.warning("heartbeat failed (will try again): %s", exc)
+                fx.log.warning("heartbeat failed (will try again): %s", exc)
 
-    async def _send(self, send: Send) -> list[Any]:
-        try:
+    async def _send(self, send: fx.Send) -> list[Any]:
+        with fx.translated(send.pool):
             client = await self.client(send.pool)
-            if len(send.commands) == 1:
-                try:
-                    return [await client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
-                except rex.ResponseError as exc:
-                    if send.allow_errors and not isinstance(exc, rex.NoPermissionError):
-                        return [ReplyError(str(exc))]
-                    raise
-            pipe = client.pipeline(transaction=False)
-            for command in send.commands:
-                pipe.execute_command(*command)
-            replies = await pipe.execute(raise_on_error=not send.allow_errors)
-        except rex.RedisError as exc:
-            raise translate_error(exc, send.pool) from exc
-        return [
-            ReplyError(str(reply)) if isinstance(reply, rex.ResponseError) else reply
-            for reply in replies
-        ]
+            if fx.is_single(send):
+                return [await client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
+            pipeline = fx.fill(client.pipeline(transaction=False), send)
+            return fx.replies_of(await pipeline.execute(raise_on_error=not send.allow_errors))
 
-    async def _parallel(self, parallel: Parallel) -> list[list[Any]]:
+    async def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         if len(parallel.sends) <= 1:
             return [await self._send(send) for send in parallel.sends]
         results = await asyncio.gather(

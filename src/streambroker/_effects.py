@@ -8,9 +8,11 @@ throws the error into the generator. No logic lives in an I/O layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+import logging
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis.exceptions as rex
 
@@ -26,6 +28,11 @@ if TYPE_CHECKING:
     from .events import Event
 
 T = TypeVar("T")
+
+log = logging.getLogger("streambroker")
+
+#: A handler as the I/O layers see it: called with a batch of events.
+AnyHandler = Callable[[Any], object]
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
@@ -94,6 +101,63 @@ def translate_error(exc: rex.RedisError, pool: str) -> BrokerError:
     if isinstance(exc, rex.ResponseError):
         return ServerReplyError(pool, text)
     return PoolError(pool, text)
+
+
+class Driving(Generic[T]):
+    """An operation being driven: the I/O layer performs :attr:`effect`, then hands
+    the outcome to :meth:`resume`, until :attr:`done`; then :attr:`result` holds
+    what the operation returned."""
+
+    effect: Effect
+
+    def __init__(self, op: Op[T]) -> None:
+        self._op = op
+        self.done = False
+        self.result: T | None = None
+        self.resume(None, None)
+
+    def resume(self, value: Any, error: BaseException | None) -> None:
+        """Send the effect's result, or throw its error, into the operation."""
+        try:
+            self.effect = self._op.send(value) if error is None else self._op.throw(error)
+        except StopIteration as stop:
+            self.done = True
+            self.result = stop.value
+
+
+def outcome(perform: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None]:
+    """Call ``perform``; return (its result, None) or (None, what it raised)."""
+    try:
+        return perform(*args), None
+    except BaseException as exc:
+        return None, exc
+
+
+@contextmanager
+def translated(pool: str) -> Iterator[None]:
+    """Within the block, redis-py errors become the broker's errors naming ``pool``."""
+    try:
+        yield
+    except rex.RedisError as exc:
+        raise translate_error(exc, pool) from exc
+
+
+def is_single(send: Send) -> bool:
+    """Whether ``send`` goes as one plain command; the others go as a pipeline, which
+    also returns error replies in place."""
+    return len(send.commands) == 1 and not send.allow_errors
+
+
+def fill(pipeline: Any, send: Send) -> Any:
+    """Queue the commands of ``send`` on a redis-py (sync or asyncio) pipeline."""
+    for command in send.commands:
+        pipeline.execute_command(*command)
+    return pipeline
+
+
+def replies_of(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies, error replies turned into :class:`ReplyError`."""
+    return [ReplyError(str(r)) if isinstance(r, rex.ResponseError) else r for r in replies]
 
 
 def single(pool: str, *command: Arg) -> Send:

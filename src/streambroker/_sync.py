@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import redis
-import redis.exceptions as rex
 
-from ._effects import Handle, Op, Parallel, ReplyError, Send, Sleep, translate_error
+from . import _effects as fx
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions, sync_client
 from .errors import BrokerError
 
 T = TypeVar("T")
 
-Handler = Callable[[Any], object]
-
-log = logging.getLogger("streambroker")
-
 
 class _Heartbeat:
     """Runs a handler's heartbeat operation every interval while the handler runs."""
 
-    def __init__(self, driver: SyncDriver, effect: Handle) -> None:
+    def __init__(self, driver: SyncDriver, effect: fx.Handle) -> None:
         self._driver = driver
         self._effect = effect
         self._done = threading.Event()
@@ -46,7 +39,7 @@ class _Heartbeat:
             try:
                 self._driver.run(self._effect.heartbeat())
             except BrokerError as exc:
-                log.warning("heartbeat failed (will try again): %s", exc)
+                fx.log.warning("heartbeat failed (will try again): %s", exc)
 
 
 class SyncDriver:
@@ -71,64 +64,47 @@ class SyncDriver:
         return client
 
     def run(
-        self, op: Op[T], handler: Handler | None = None, wake: threading.Event | None = None
+        self,
+        op: fx.Op[T],
+        handler: fx.AnyHandler | None = None,
+        wake: threading.Event | None = None,
     ) -> T:
         """Drive ``op`` to completion and return its result.
 
-        ``handler`` performs :class:`Handle` effects; ``wake`` cuts :class:`Sleep` short.
+        ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short.
         """
-        try:
-            effect = next(op)
-            while True:
-                try:
-                    if isinstance(effect, Send):
-                        result: Any = self._send(effect)
-                    elif isinstance(effect, Parallel):
-                        result = self._parallel(effect)
-                    elif isinstance(effect, Sleep):
-                        result = None
-                        if wake is None:
-                            time.sleep(effect.seconds)
-                        else:
-                            wake.wait(effect.seconds)
-                    else:
-                        assert handler is not None
-                        result = self._handle(effect, handler)
-                except BaseException as exc:
-                    effect = op.throw(exc)
-                else:
-                    effect = op.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        driving = fx.Driving(op)
+        while not driving.done:
+            driving.resume(*fx.outcome(self._perform, driving.effect, handler, wake))
+        return driving.result  # type: ignore[return-value]
 
-    def _handle(self, effect: Handle, handler: Handler) -> object:
+    def _perform(
+        self, effect: fx.Effect, handler: fx.AnyHandler | None, wake: threading.Event | None
+    ) -> Any:
+        if isinstance(effect, fx.Send):
+            return self._send(effect)
+        if isinstance(effect, fx.Parallel):
+            return self._parallel(effect)
+        if isinstance(effect, fx.Sleep):
+            return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
+        assert handler is not None
+        return self._handle(effect, handler)
+
+    def _handle(self, effect: fx.Handle, handler: fx.AnyHandler) -> object:
         if effect.heartbeat is None:
             return handler(effect.events)
         with _Heartbeat(self, effect):
             return handler(effect.events)
 
-    def _send(self, send: Send) -> list[Any]:
-        try:
+    def _send(self, send: fx.Send) -> list[Any]:
+        with fx.translated(send.pool):
             client = self.client(send.pool)
-            if len(send.commands) == 1:
-                try:
-                    return [client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
-                except rex.ResponseError as exc:
-                    if send.allow_errors and not isinstance(exc, rex.NoPermissionError):
-                        return [ReplyError(str(exc))]
-                    raise
-            pipe = client.pipeline(transaction=False)
-            for command in send.commands:
-                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-            replies = pipe.execute(raise_on_error=not send.allow_errors)
-        except rex.RedisError as exc:
-            raise translate_error(exc, send.pool) from exc
-        return [
-            ReplyError(str(reply)) if isinstance(reply, rex.ResponseError) else reply
-            for reply in replies
-        ]
+            if fx.is_single(send):
+                return [client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
+            pipeline = fx.fill(client.pipeline(transaction=False), send)
+            return fx.replies_of(pipeline.execute(raise_on_error=not send.allow_errors))
 
-    def _parallel(self, parallel: Parallel) -> list[list[Any]]:
+    def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         sends = parallel.sends
         if len(sends) <= 1:
             return [self._send(send) for send in sends]

@@ -11,7 +11,6 @@ import asyncio
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
 from typing import Any, Unpack
 
 from . import consuming, deadletters, gc, stats
@@ -95,12 +94,7 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
     async def __aenter__(self) -> AsyncBroker:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
@@ -121,12 +115,7 @@ class AsyncBatch(BatchFace):
     async def __aenter__(self) -> AsyncBatch:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is None:
             await self.flush()
 

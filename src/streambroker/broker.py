@@ -11,7 +11,7 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Unpack
 
 from . import consuming, deadletters, gc, stats
@@ -116,12 +116,7 @@ class Broker(BrokerFace[SyncDriver]):
     def __enter__(self) -> Broker:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -144,12 +139,7 @@ class Batch(BatchFace):
     def __enter__(self) -> Batch:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is None:
             self.flush()
 
