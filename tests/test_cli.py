@@ -1,30 +1,119 @@
-"""The ``streambroker`` command-line tool, run as a real process in a temp dir."""
+"""The ``streambroker`` command-line tool, driven as a user would against real servers.
+
+Commands that must be seen from outside (exit codes, signals, stderr, the console
+script) run as real processes in a temp dir; the others through Typer's CliRunner.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import streambroker as sb
+from streambroker.cli import app
+
+from .conftest import Server, free_port, wait_for
 
 CLI = [sys.executable, "-m", "streambroker"]
 SCRIPT = Path(sys.executable).with_name("streambroker")
 DEFAULT_DIR = ".streambroker"
 ROW = re.compile(r"(read-group-[a-z]+)[^\w-]+(stream-[a-z])[^\w-]+(\d+)[^\w-]+(\d+)")
+FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.1, "retry_delay": 0.01}
+
+CONFIG = """\
+default:
+    redis: {default}
+    streams:
+        stream-a:
+          - read-group-a
+          - read-group-ab
+        stream-b:
+          - read-group-ab
+second:
+    redis: {second}
+    streams:
+        stream-c:
+          - read-group-c
+"""
 
 
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBROKER")}
-    env["COLUMNS"] = "80"
+    return {**env, "COLUMNS": "80", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run(
+    command: list[str], cwd: Path, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+        command,
+        cwd=cwd,
+        env=cli_env(**env),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """A process whose stdout and stderr go to files in ``cwd`` (read them with
+    :func:`output`)."""
+    with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
+        return subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=out, stderr=err, text=True)
+
+
+def output(cwd: Path) -> tuple[str, str]:
+    return (cwd / "out.txt").read_text(), (cwd / "err.txt").read_text()
+
+
+def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    """Run the tool in this process; returns exit code, stdout and stderr."""
+    env = {"STREAMBROKER_CONFIG": None, "COLUMNS": "80"}
+    result = CliRunner().invoke(app, list(args), input=input, env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write_config(
+    directory: Path, default: str, second: str, name: str = "streambroker.yaml"
+) -> Path:
+    path = directory / name
+    path.write_text(CONFIG.format(default=default, second=second))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory, holding ``streambroker.yaml``: the seed's registry on
+    ``server``."""
+    write_config(tmp_path, f"{server.address}:0", f"{server.address}:3")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def client(config: sb.ValidatedRegistry) -> Iterator[sb.Broker]:
+    """A synchronous broker of the same registry, to publish and look."""
+    with config.broker() as broker:
+        yield broker
+
+
+def lengths(broker: sb.Broker) -> dict[str, int]:
+    return {stream.stream: stream.length for stream in broker.stats()}
 
 
 @pytest.fixture
@@ -51,10 +140,14 @@ def test_demo_runs_without_configuration_then_server_commands(workdir: Path) -> 
         ("read-group-ab", "stream-b"): (50, 50),
         ("read-group-c", "stream-c"): (50, 50),
     }, demo.stdout
-    # What is left stored depends on the clean-up of handled events: at most 50.
-    stored = dict(re.findall(r"^(stream-[a-z]): (\d+) events stored$", demo.stdout, re.M))
-    assert set(stored) == {"stream-a", "stream-b", "stream-c"}, demo.stdout
-    assert all(0 <= int(n) <= 50 for n in stored.values()), demo.stdout
+    # The consumers removed every event as the last group acknowledged it.
+    left = dict(re.findall(r"^(stream-[a-z]): (\d+) events left$", demo.stdout, re.M))
+    assert left == {"stream-a": "0", "stream-b": "0", "stream-c": "0"}, demo.stdout
+    # The statistics table: each stream empty, each group with two stopped consumers.
+    assert re.search(r"^ ?stream-a \(default\) +0 +- *$", demo.stdout, re.M), demo.stdout
+    assert re.search(r"^ ?stream-c \(second\) +0 +- *$", demo.stdout, re.M), demo.stdout
+    consumers = re.findall(r"^ +(\S+-[12]) +0 +\S+ +no *$", demo.stdout, re.M)
+    assert len(consumers) == 8, demo.stdout
     # The embedded server runs in ./.streambroker and keeps running.
     data_dir = workdir / DEFAULT_DIR
     server = sb.EmbeddedServer(data_dir)
@@ -156,3 +249,514 @@ def test_usage_errors_exit_2(workdir: Path) -> None:
     assert "--events" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / DEFAULT_DIR).exists()
+
+
+# -- validate -------------------------------------------------------------------------
+
+
+def test_validate_lists_the_registry_and_masks_passwords(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path, "127.0.0.1:6379:0", "redis://user:s3cret@127.0.0.1:6380/3")
+    other = write_config(tmp_path, "127.0.0.1:6379:0", "127.0.0.1:6379:1", "other.yaml")
+
+    code, out, err = invoke("validate")
+
+    assert (code, err) == (0, ""), err
+    lines = out.splitlines()
+    assert lines[0] == "streambroker.yaml: valid: 2 pools, 3 streams, 3 consumer groups"
+    rows = {line.split()[0]: line.split()[1:4] for line in lines if line.startswith(" stream-")}
+    assert rows == {
+        "stream-a": ["default", "127.0.0.1:6379/0", "read-group-a,"],
+        "stream-b": ["default", "127.0.0.1:6379/0", "read-group-ab"],
+        "stream-c": ["second", "redis://user:***@127.0.0.1:6380/3", "read-group-c"],
+    }, out
+    assert "s3cret" not in out
+    # The file can be named before or after the command, or in the environment.
+    for args, env in [
+        (["--config", str(other), "validate"], {}),
+        (["validate", "-c", str(other)], {}),
+        (["validate"], {"STREAMBROKER_CONFIG": str(other)}),
+    ]:
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"{other}: valid: 2 pools"), result.stdout
+        assert " 127.0.0.1:6379/1 " in result.stdout
+
+
+BAD_CONFIGS = {
+    "one problem": (
+        "default:\n  redis: localhost:6379:0\n  streams:\n    s1: [g]\n    s1: [h]\n",
+        ["streambroker: error: streambroker.yaml:5: stream with name s1 already exists"],
+    ),
+    "several problems": (
+        "default:\n  redis: localhost:6379:0\n  streams:\n    s1: [g]\n    s1: [h]\n    s2: []\n",
+        [
+            "streambroker: error: the configuration has 2 problems:",
+            "  streambroker.yaml:5: stream with name s1 already exists",
+            "  streambroker.yaml:6: stream s2 has no consumer groups",
+        ],
+    ),
+    "no file": (
+        None,
+        [
+            "streambroker: error: streambroker.yaml: config file not found (pass --config "
+            "FILE or set STREAMBROKER_CONFIG)"
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_validate_errors_name_file_and_line(tmp_path: Path, case: str) -> None:
+    text, expected = BAD_CONFIGS[case]
+    if text is not None:
+        (tmp_path / "streambroker.yaml").write_text(text)
+
+    result = run([*CLI, "validate"], tmp_path)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == expected
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_errors_are_one_line_and_never_show_passwords(tmp_path: Path) -> None:
+    # Nothing listens on the port: the pool cannot be reached.
+    url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
+    write_config(tmp_path, url, url.replace("/0", "/1"))
+
+    unknown = run([*CLI, "stats", "stream-x"], tmp_path)
+    unreachable = run([*CLI, "publish", "stream-a", "hello"], tmp_path)
+    debug = run([*CLI, "--debug", "publish", "stream-a", "hello"], tmp_path)
+
+    assert (unknown.returncode, unknown.stdout) == (1, "")
+    assert unknown.stderr == "streambroker: error: stream 'stream-x' is not registered\n"
+    assert (unreachable.returncode, unreachable.stdout) == (1, "")
+    (line,) = unreachable.stderr.splitlines()
+    assert line.startswith("streambroker: error: redis pool 'default': "), line
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr
+    assert "PoolConnectionError" in debug.stderr
+    for result in (unknown, unreachable, debug):
+        assert "s3cret" not in result.stdout + result.stderr
+
+
+# -- stats ----------------------------------------------------------------------------
+
+
+def test_stats_table_and_json(project: Path, client: sb.Broker) -> None:
+    for n in range(5):
+        client.publish("stream-a", n)
+    client.publish("stream-c", "c")
+
+    def crash(events: list[sb.Event]) -> None:
+        events[0].ack()
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        client.consumer("read-group-a", "c1").consume(crash, count=3, block=False)
+    config = str(project / "streambroker.yaml")
+
+    code, out, err = invoke("stats", "--json", "-c", config)
+
+    assert (code, err) == (0, ""), err
+    data = json.loads(out)
+    by_stream = {stream["stream"]: stream for stream in data}
+    assert list(by_stream) == ["stream-a", "stream-b", "stream-c"]
+    a = by_stream["stream-a"]
+    assert (a["pool"], a["length"], a["orphan_groups"]) == ("default", 5, [])
+    group_a, group_ab = a["groups"]
+    assert (group_a["group"], group_a["lag"], group_a["pending"]) == ("read-group-a", 2, 2)
+    assert [(c["name"], c["pending"], c["alive"]) for c in group_a["consumers"]] == [
+        ("c1", 2, False)
+    ]
+    assert (group_ab["lag"], group_ab["pending"], group_ab["consumers"]) == (5, 0, [])
+    assert (by_stream["stream-c"]["length"], by_stream["stream-b"]["length"]) == (1, 0)
+
+    code, out, err = invoke("--config", config, "stats", "stream-a", "stream-c")
+
+    assert (code, err) == (0, ""), err
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[2][:3] == ["stream-a", "(default)", "5"], out
+    assert ["read-group-a", "2", "2", "0"] in rows, out
+    assert next(row for row in rows if row[0] == "c1")[:2] == ["c1", "2"], out
+    assert next(row for row in rows if row[0] == "c1")[-1] == "no", out
+    assert ["read-group-ab", "5", "0", "0"] in rows, out
+    assert next(r for r in rows if r[0] == "stream-c")[:3] == ["stream-c", "(second)", "1"]
+    assert not any(row[0] == "stream-b" for row in rows if row), out
+
+
+def test_stats_watch_refreshes_until_ctrl_c(project: Path, client: sb.Broker) -> None:
+    client.publish("stream-b", "b")
+    code, out, err = invoke(
+        "stats", "stream-b", "--watch", "--json", "--interval", "0.01", "--iterations", "2"
+    )
+    assert (code, err) == (0, ""), err
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first[0]["length"] == second[0]["length"] == 1
+
+    process = start([*CLI, "stats", "--watch", "--interval", "0.05"], project)
+    try:
+        wait_for(lambda: output(project)[0].count("stream-b (default)") >= 2, 30, "2 tables")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    out, err = output(project)
+    assert err == ""
+    assert re.search(r"^ ?stream-b \(default\) +1 ", out, re.M), out
+
+
+# -- publish --------------------------------------------------------------------------
+
+
+def test_publish_arguments_json_meta_and_stdin(project: Path, client: sb.Broker) -> None:
+    config = str(project / "streambroker.yaml")
+
+    code, out, err = invoke("publish", "stream-a", '{"a": 1}', "-c", config)
+    assert (code, err) == (0, ""), err
+    (plain_id,) = out.split()
+    code, out, err = invoke(
+        "publish", "stream-a", '{"a": [1, 2.5]}', "--json", "--meta", "k=v", "-m", "x=y=z",
+        "-c", config,
+    )  # fmt: skip
+    assert (code, err) == (0, ""), err
+    (json_id,) = out.split()
+    code, out, err = invoke(
+        "publish", "stream-c", "--json", "-m", "src=stdin", "-c", config,
+        input='"one"\n\n{"two": 2}\nnull\n',
+    )  # fmt: skip
+    assert (code, err) == (0, ""), err
+    stdin_ids = out.split()
+    assert len(stdin_ids) == 3
+
+    seen: list[tuple[str, str, object, dict[str, str]]] = []
+
+    def record(events: list[sb.Event]) -> None:
+        seen.extend((e.stream, e.id, e.body, dict(e.meta)) for e in events)
+
+    client.consumer("read-group-a").consume(record, block=False)
+    client.consumer("read-group-c").consume(record, block=False)
+    assert seen == [
+        ("stream-a", plain_id, '{"a": 1}', {}),
+        ("stream-a", json_id, {"a": [1, 2.5]}, {"k": "v", "x": "y=z"}),
+        ("stream-c", stdin_ids[0], "one", {"src": "stdin"}),
+        ("stream-c", stdin_ids[1], {"two": 2}, {"src": "stdin"}),
+        ("stream-c", stdin_ids[2], None, {"src": "stdin"}),
+    ]
+
+    # A line that is not JSON: nothing of its batch is sent.
+    code, out, err = invoke("publish", "stream-b", "--json", "-c", config, input="1\n{\n")
+    assert (code, out) == (1, "")
+    assert err.startswith("streambroker: error: line 2 is not valid JSON: "), err
+    assert lengths(client)["stream-b"] == 0
+    code, out, err = invoke("publish", "stream-b", "x", "--meta", "novalue", "-c", config)
+    assert code == 2
+    assert "'novalue' is not KEY=VALUE" in err
+
+
+# -- tail -----------------------------------------------------------------------------
+
+
+def test_tail_without_group_prints_new_events_and_changes_nothing(
+    project: Path, server: Server
+) -> None:
+    redis_client = server.client()
+    redis_client.xadd("stream-a", {"$body": '"before"', "$codec": "json"})
+    process = start([*CLI, "tail", "stream-a"], project)
+    try:
+        wait_for(lambda: "tailing stream-a" in output(project)[1], 30, "tail to start")
+        # Written by another program: a JSON body with a tag, then one it cannot decode.
+        first = redis_client.xadd("stream-a", {"$body": '{"n": 1}', "$codec": "json", "k": "v"})
+        second = redis_client.xadd("stream-a", {"$body": b"\xff", "$codec": "json"})
+        wait_for(lambda: output(project)[0].count("\n") >= 2, 30, "two events printed")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    out, err = output(project)
+    lines = out.splitlines()
+    assert lines[0] == f'stream-a {first.decode()} k=v {{"n": 1}}'
+    assert lines[1].startswith(f"stream-a {second.decode()} <cannot decode: "), lines
+    assert len(lines) == 2
+    assert err == "tailing stream-a (read-only); Ctrl-C to stop\n"
+    # Read-only: no consumer group was created, nothing was acknowledged.
+    assert redis_client.xinfo_groups("stream-a") == []
+    assert redis_client.xlen("stream-a") == 3
+
+
+def test_tail_with_group_acknowledges_what_it_prints(project: Path, client: sb.Broker) -> None:
+    a_ids = [client.publish("stream-a", n, {"n": str(n)}) for n in range(3)]
+    b_id = client.publish("stream-b", "b")
+    expected = {f"stream-a {a_ids[n]} n={n} {n}" for n in range(3)} | {f'stream-b {b_id} "b"'}
+
+    code, first, err = invoke(
+        "tail", "stream-b", "--group", "read-group-ab", "--name", "t1", "-n", "3"
+    )
+
+    assert code == 0, err
+    # The group reads both streams, and one read took all four events: the one left
+    # over is not handed out once the consumer stops; it stays pending for t1, which
+    # gets it first when it runs again.
+    assert err.splitlines() == [
+        "tailing stream-a, stream-b as consumer t1 of group read-group-ab; Ctrl-C to stop",
+    ]
+    assert len(first.splitlines()) == 3
+    assert (
+        client.group_stats("stream-b", "read-group-ab").pending
+        + client.group_stats("stream-a", "read-group-ab").pending
+        == 1
+    )
+
+    code, second, err = invoke("tail", "stream-a", "-g", "read-group-ab", "--name", "t1", "-n", "1")
+
+    assert code == 0, err
+    assert set(first.splitlines()) | set(second.splitlines()) == expected
+    c_id = client.publish("stream-b", {"x": [1, 2]}, {"k": "v"})
+    code, out, err = invoke("tail", "stream-a", "-g", "read-group-ab", "-n", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "stream": "stream-b",
+        "id": c_id,
+        "meta": {"k": "v"},
+        "body": {"x": [1, 2]},
+    }
+    group_ab = client.group_stats("stream-a", "read-group-ab")
+    assert (group_ab.lag, group_ab.pending, group_ab.consumers) == (0, 0, ())
+    assert client.group_stats("stream-a", "read-group-a").lag == 3
+    # Every group acknowledged stream-b's events, so they were removed.
+    assert lengths(client) == {"stream-a": 3, "stream-b": 0, "stream-c": 0}
+
+    code, out, err = invoke("tail", "stream-c", "-g", "read-group-a")
+    assert (code, out) == (1, "")
+    assert err == (
+        "streambroker: error: consumer group 'read-group-a' does not read stream 'stream-c'\n"
+    )
+
+
+# -- worker ---------------------------------------------------------------------------
+
+APP = """\
+import redis
+
+import streambroker as sb
+
+client = redis.Redis(host="127.0.0.1", port={port}, db=5)
+broker = sb.Registry.from_yaml("streambroker.yaml").validate().broker()
+FAST = {fast!r}
+
+
+def record(group, events):
+    client.rpush("handled:" + group, *[event.id for event in events])
+
+
+@broker.handler("read-group-a", count=3, **FAST)
+def handle_a(events):
+    for event in events:
+        if event.body == "fail once" and client.set("failed:" + event.id, 1, nx=True):
+            raise RuntimeError("failing " + event.id + " once")
+    record("read-group-a", events)
+
+
+@broker.handler("read-group-ab", **FAST)
+def handle_ab(events):
+    record("read-group-ab", events)
+
+
+@broker.handler("read-group-c", **FAST)
+def handle_c(events):
+    record("read-group-c", events)
+"""
+
+
+def test_worker_runs_the_handlers_until_sigterm(
+    project: Path, client: sb.Broker, server: Server
+) -> None:
+    (project / "app.py").write_text(APP.format(port=server.port, fast=FAST))
+    records = server.client(db=5)
+
+    def handled(group: str) -> list[str]:
+        return [raw.decode() for raw in records.lrange(f"handled:{group}", 0, -1)]
+
+    # Published before the worker starts, and while it runs.
+    a_ids = [client.publish("stream-a", body) for body in (1, "fail once", 3, 4)]
+    b_ids = [client.publish("stream-b", n) for n in range(3)]
+    process = start(
+        [*CLI, "worker", "app:broker", "--consumers", "2", "--summary-interval", "0.1"], project
+    )
+    try:
+        c_ids = [client.publish("stream-c", n) for n in range(5)]
+        a_ids.append(client.publish("stream-a", 5))
+        wait_for(lambda: len(handled("read-group-a")) == 5, 30, "read-group-a")
+        wait_for(lambda: len(handled("read-group-ab")) == 8, 30, "read-group-ab")
+        wait_for(lambda: len(handled("read-group-c")) == 5, 30, "read-group-c")
+        wait_for(lambda: "events in the last 0.1 s" in output(project)[1], 30, "a summary")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    out, err = output(project)
+
+    assert sorted(handled("read-group-a")) == sorted(a_ids)
+    assert sorted(handled("read-group-ab")) == sorted(a_ids + b_ids)
+    assert sorted(handled("read-group-c")) == sorted(c_ids)
+    # Nothing pending, and every event removed once every group acknowledged it.
+    stats = client.stats()
+    assert [(s.stream, s.length) for s in stats] == [
+        ("stream-a", 0),
+        ("stream-b", 0),
+        ("stream-c", 0),
+    ]
+    prefix = f"{socket.gethostname().partition('.')[0]}-{process.pid}"
+    for stream in stats:
+        for group in stream.groups:
+            assert (group.lag, group.pending, group.dead_letters) == (0, 0, 0)
+            names = sorted((c.name, c.pending, c.alive) for c in group.consumers)
+            assert names == [(f"{prefix}-1", 0, False), (f"{prefix}-2", 0, False)]
+    # The handler's failure was logged with its traceback, and the worker went on.
+    failed = a_ids[1]
+    assert "the handler raised RuntimeError" in err
+    assert f"RuntimeError: failing {failed} once" in err
+    assert "SIGTERM received: stopping after the batches in hand" in err
+    assert (
+        "worker stopped; handled 18 events: read-group-a 5, read-group-ab 8, read-group-c 5" in err
+    )
+    assert out == ""
+
+
+def test_worker_errors(project: Path) -> None:
+    (project / "app.py").write_text("import streambroker as sb\nbroker = 1\n")
+    (project / "broken.py").write_text("raise ValueError('broken module')\n")
+
+    for spec, message in [
+        ("app", "'app' is not MODULE:APP (e.g. myapp.events:broker)"),
+        ("missing:broker", "cannot import 'missing': no module named 'missing' in the current "
+         "directory or on the Python path"),
+        ("app:nothing", "module 'app' has no attribute 'nothing'"),
+        ("app:broker", "'app:broker' is a int, not a streambroker Broker"),
+        ("broken:broker", "importing 'broken' failed: ValueError: broken module"),
+    ]:  # fmt: skip
+        code, out, err = invoke("worker", spec)
+        assert (code, out) == (1, ""), spec
+        assert err == f"streambroker: error: {message}\n"
+
+
+# -- gc, claim, dead letters ----------------------------------------------------------
+
+
+def test_gc_removes_what_every_group_acknowledged(project: Path, client: sb.Broker) -> None:
+    for n in range(4):
+        client.publish("stream-a", n)
+        client.publish("stream-c", n)
+    for group in ("read-group-a", "read-group-ab", "read-group-c"):
+        client.consumer(group, collect=False).consume(lambda events: None, block=False)
+    assert lengths(client) == {"stream-a": 4, "stream-b": 0, "stream-c": 4}
+
+    code, out, err = invoke("gc", "stream-a", "--json")
+
+    assert (code, err) == (0, ""), err
+    assert json.loads(out) == {"stream-a": 4}
+    code, out, err = invoke("gc")
+    assert (code, err) == (0, ""), err
+    assert out == "removed 4 events: stream-a 0, stream-b 0, stream-c 4\n"
+    assert lengths(client) == {"stream-a": 0, "stream-b": 0, "stream-c": 0}
+    # Watching prints what each round removed, and nothing when nothing was.
+    client.publish("stream-b", 1)
+    client.consumer("read-group-ab", collect=False).consume(lambda events: None, block=False)
+    code, out, err = invoke("gc", "--watch", "--interval", "0.01", "--iterations", "3")
+    assert (code, err) == (0, ""), err
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d removed 1 events: stream-a 0, stream-b 1, stream-c 0\n", out
+    ), out
+    code, out, err = invoke("gc", "--watch", "--json", "--interval", "0.01", "--iterations", "2")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"stream-a": 0, "stream-b": 0, "stream-c": 0}
+    ] * 2
+
+
+def test_claim_moves_pending_events(project: Path, client: sb.Broker) -> None:
+    for n in range(3):
+        client.publish("stream-a", n)
+
+    def crash(events: list[sb.Event]) -> None:
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        client.consumer("read-group-a", "c1").consume(crash, block=False)
+
+    code, out, err = invoke("claim", "read-group-a", "c1", "c2")
+
+    assert (code, err) == (0, ""), err
+    assert out == "moved 3 pending events of group read-group-a from c1 to c2\n"
+    consumers = client.group_stats("stream-a", "read-group-a").consumers
+    assert [(c.name, c.pending) for c in consumers] == [("c1", 0), ("c2", 3)]
+
+    # Not from a consumer that runs, unless forced.
+    running = client.consumer("read-group-a", "c2", **FAST)
+    thread = threading.Thread(target=running.consume, args=(lambda events: None,))
+    thread.start()
+    try:
+        wait_for(
+            lambda: client.group_stats("stream-a", "read-group-a").pending == 0, 30, "c2 to run"
+        )
+        client.publish("stream-a", 3)
+        code, out, err = invoke("claim", "read-group-a", "c2", "c1")
+        assert (code, out) == (1, "")
+        assert err == (
+            "streambroker: error: consumer 'c2' of group 'read-group-a' is running: stop it first\n"
+        )
+        code, out, err = invoke("claim", "read-group-a", "c2", "c1", "--force")
+        assert code == 0, err
+        assert re.fullmatch(r"moved [01] pending events of group read-group-a from c2 to c1\n", out)
+    finally:
+        running.stop()
+        thread.join()
+
+
+def test_dead_letters_list_and_replay(project: Path, client: sb.Broker) -> None:
+    ids = [client.publish("stream-a", {"price": n}, {"n": str(n)}) for n in range(3)]
+
+    def reject_odd(events: list[sb.Event]) -> None:
+        for event in events:
+            if event.body["price"] % 2 == 0:
+                event.fail(f"bad price {event.body['price']}")
+
+    client.consumer("read-group-a", max_deliveries=1).consume(reject_odd, block=False)
+
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a", "--json")
+
+    assert (code, err) == (0, ""), err
+    letters = json.loads(out)
+    assert [(d["event_id"], d["error"], d["deliveries"]) for d in letters] == [
+        (ids[0], "RuntimeError: bad price 0", 1),
+        (ids[2], "RuntimeError: bad price 2", 1),
+    ]
+    assert [(d["stream"], d["group"], d["meta"], d["body"]) for d in letters] == [
+        ("stream-a", "read-group-a", {"n": "0"}, {"price": 0}),
+        ("stream-a", "read-group-a", {"n": "2"}, {"price": 2}),
+    ]
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a")
+    assert (code, err) == (0, ""), err
+    rows = [line.strip().split(maxsplit=2) for line in out.splitlines()[2:]]
+    assert rows == [
+        [ids[0], "1", 'RuntimeError: bad price 0   n=0 {"price": 0}'],
+        [ids[2], "1", 'RuntimeError: bad price 2   n=2 {"price": 2}'],
+    ], out
+    assert invoke("dead-letters", "stream-a", "read-group-ab")[1] == (
+        "no dead letters of stream-a in group read-group-ab\n"
+    )
+
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a", "--replay")
+
+    assert (code, err) == (0, ""), err
+    assert out == "replayed 2 dead letters of stream-a to group read-group-a\n"
+    assert client.group_stats("stream-a", "read-group-a").dead_letters == 0
+    again: list[tuple[str, object]] = []
+    client.consumer("read-group-a").consume(
+        lambda events: again.extend((e.stream, e.body) for e in events), block=False
+    )
+    assert again == [("stream-a", {"price": 0}), ("stream-a", {"price": 2})]

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
 from .consuming import ConsumerCore, ConsumerOptions
-from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore
+from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore, HandlerSpec
 from .errors import InvalidArgumentError
 from .publishing import BatchBuffer
 
@@ -73,6 +73,11 @@ class BrokerFace(Generic[DriverT]):
     def registry(self) -> ValidatedRegistry:
         """The registry this broker serves."""
         return self._core.registry
+
+    @property
+    def handlers(self) -> tuple[HandlerSpec, ...]:
+        """The handlers registered with :meth:`handler`, in registration order."""
+        return tuple(self._core.handlers)
 
     def handler(
         self, group: str, *, count: int = 10, **options: Unpack[ConsumerSettings]

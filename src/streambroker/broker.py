@@ -209,7 +209,9 @@ class _StopOnSignals:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping after the batch in hand", signal.Signals(signum).name)
-        self._stop()
+        # Not stop() itself: the signal may interrupt this thread inside the wake-up
+        # event's own lock (its wait()), which set() would then wait for forever.
+        threading.Thread(target=self._stop, name="streambroker-stop").start()
 
     def __enter__(self) -> None:
         for sig in self._SIGNALS:

@@ -501,6 +501,7 @@ class ConsumerCore:
     # -- handling -----------------------------------------------------------------
 
     def _handle(self, events: list[Event], count: int) -> Op[int]:
+        handled = 0
         for start in range(0, len(events), count):
             chunk = events[start : start + count]
             self._in_hand = chunk
@@ -512,6 +513,7 @@ class ConsumerCore:
             finally:
                 self._in_hand = []
             self._settle(chunk, succeeded=True)
+            handled += len(chunk)
             if self._lease_lost:
                 raise LeaseLostError(
                     self.group,
@@ -519,7 +521,9 @@ class ConsumerCore:
                     f"consumer {self.name!r} of group {self.group!r} lost its lease while "
                     "handling a batch; stopping",
                 )
-        return len(events)
+            if self.stopping:
+                break  # the rest stays pending: this consumer reads it first next time
+        return handled
 
     def _settle(self, events: Iterable[Event], succeeded: bool) -> None:
         now = time.monotonic()

@@ -1,19 +1,36 @@
 """The seed example, run end to end on the embedded server.
 
 Three streams (``stream-a`` and ``stream-b`` in pool ``default``, ``stream-c`` in
-pool ``second``) and three consumer groups, one of which reads two streams.
+pool ``second``) and three consumer groups, one of which reads two streams. A
+producer publishes while a :class:`~streambroker.runner.Worker` runs a handler per
+group with two consumers each; consumers remove the events every group acknowledged
+as they go, so every stream ends empty. Nothing to configure, no server to install.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.progress import Progress, TaskID
+
+from ._effects import Op, Parallel, Send
+from .broker import Broker
 from .config import Registry, ValidatedRegistry
 from .events import Event
+from .keys import dead_letter_key, replay_key
+from .runner import Worker
+from .stats import StreamStats
 
-__all__ = ["DemoResult", "demo_registry", "run_demo"]
+__all__ = ["DemoResult", "Sale", "demo_registry", "run_demo"]
+
+#: Events per stream published in one round trip.
+PUBLISH_BATCH = 100
+#: Consumers per group.
+CONSUMERS = 2
 
 
 def demo_registry(data_dir: str | Path) -> ValidatedRegistry:
@@ -28,42 +45,111 @@ def demo_registry(data_dir: str | Path) -> ValidatedRegistry:
 
 
 @dataclass(frozen=True)
+class Sale:
+    """The body of a demo event."""
+
+    n: int
+    price: float
+
+
+@dataclass(frozen=True)
 class DemoResult:
-    """What the demo published, and what each group handled, per stream."""
+    """What the demo published, what each group handled (per stream), and the
+    statistics of the streams after the workers stopped."""
 
     published: dict[str, int]
     handled: dict[str, dict[str, int]]
-    lengths: dict[str, int]
+    stats: list[StreamStats]
+
+    @property
+    def lengths(self) -> dict[str, int]:
+        """Events left in each stream."""
+        return {stream.stream: stream.length for stream in self.stats}
 
 
-def run_demo(data_dir: str | Path, events: int = 1000) -> DemoResult:
-    """Publish ``events`` events to each stream, then let every group consume them.
+class _Tally:
+    """Events handled per group and stream, updated by the workers' threads."""
+
+    def __init__(self, groups: Iterable[str]) -> None:
+        self.changed = threading.Condition()
+        self.counts: dict[str, Counter[str]] = {group: Counter() for group in groups}
+
+    def add(self, group: str, events: list[Event]) -> None:
+        with self.changed:
+            self.counts[group].update(event.stream for event in events)
+            self.changed.notify_all()
+
+    def totals(self) -> dict[str, int]:
+        with self.changed:
+            return {group: sum(counts.values()) for group, counts in self.counts.items()}
+
+
+def _start_afresh(config: ValidatedRegistry) -> Op[None]:
+    """Delete the demo's streams (their groups go with them) and dead letters."""
+    keys: dict[str, list[str]] = {}
+    for stream, spec in config.streams.items():
+        keys.setdefault(spec.pool, []).append(stream)
+        for group in spec.groups:
+            keys[spec.pool] += [dead_letter_key(stream, group), replay_key(stream, group)]
+    yield Parallel([Send(pool, [("DEL", *names)]) for pool, names in keys.items()])
+
+
+def _register_handlers(broker: Broker, tally: _Tally) -> None:
+    for group in broker.registry.groups:
+
+        def handle(events: list[Event], group: str = group) -> None:
+            for event in events:
+                event.decode(Sale)  # the typed body; an undecodable event would raise
+            tally.add(group, events)
+
+        broker.handler(group, count=PUBLISH_BATCH, block_timeout=0.1)(handle)
+
+
+def run_demo(
+    data_dir: str | Path, events: int = 1000, *, progress: Progress | None = None
+) -> DemoResult:
+    """Publish ``events`` events to each stream while workers consume them.
 
     The three demo streams are started afresh, so each run shows its own figures.
+    ``progress`` shows the publishing and each group's handling as they go.
     """
     config = demo_registry(data_dir)
-    published: dict[str, int] = {}
-    handled: dict[str, dict[str, int]] = {}
+    streams = list(config.streams)
+    expected = {group: events * len(names) for group, names in config.groups.items()}
+    tally = _Tally(config.groups)
     with config.broker() as broker:
-        for stream, spec in config.streams.items():
-            broker._driver.client(spec.pool).delete(stream)
-        with broker.batch() as batch:
-            for stream in config.streams:
-                for n in range(events):
-                    batch.publish(
-                        stream, {"n": n, "price": round(n * 0.25, 2)}, meta={"source": "demo"}
-                    )
-                published[stream] = events
-        for group in config.groups:
-            counts: Counter[str] = Counter()
+        broker._driver.run(_start_afresh(config))
+        _register_handlers(broker, tally)
+        progress = progress or Progress(disable=True)
+        with progress, Worker(broker, consumers=CONSUMERS):
+            published = progress.add_task("publishing", total=events * len(streams))
+            handled = {
+                group: progress.add_task(f"{group} handled", total=total)
+                for group, total in expected.items()
+            }
+            for start in range(0, events, PUBLISH_BATCH):
+                end = min(events, start + PUBLISH_BATCH)
+                with broker.batch() as batch:
+                    for stream in streams:
+                        for n in range(start, end):
+                            batch.publish(stream, Sale(n, round(n * 0.25, 2)), {"source": "demo"})
+                progress.advance(published, (end - start) * len(streams))
+                _show(progress, handled, tally.totals(), expected)
+            while not _show(progress, handled, tally.totals(), expected):
+                with tally.changed:
+                    tally.changed.wait(0.1)
+        stats = broker.stats()
+    return DemoResult(
+        published=dict.fromkeys(streams, events),
+        handled={group: dict(counts) for group, counts in tally.counts.items()},
+        stats=stats,
+    )
 
-            def count(batch_events: list[Event], counts: Counter[str] = counts) -> None:
-                counts.update(event.stream for event in batch_events if event.body is not None)
 
-            broker.consumer(group).consume(count, count=100, block=False)
-            handled[group] = dict(counts)
-        lengths = {}
-        for stream, spec in config.streams.items():
-            client = broker._driver.client(spec.pool)
-            lengths[stream] = int(client.xlen(stream))
-    return DemoResult(published, handled, lengths)
+def _show(
+    progress: Progress, tasks: dict[str, TaskID], totals: dict[str, int], expected: dict[str, int]
+) -> bool:
+    """Update each group's progress; True when every group handled everything."""
+    for group, task in tasks.items():
+        progress.update(task, completed=totals[group])
+    return all(totals[group] >= expected[group] for group in tasks)

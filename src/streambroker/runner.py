@@ -1,0 +1,432 @@
+"""Running the handlers an application registered with ``@broker.handler``.
+
+``streambroker worker MODULE:APP`` imports the application (:func:`load_app`), and a
+:class:`Worker` runs the registered handlers: ``consumers`` consumers per group, each
+in a thread of its own, named ``<prefix>-<i>`` (the prefix defaults to
+``<hostname>-<pid>``).
+
+A consumer whose ``consume()`` raises (its handler raised, or a pool failed for
+good) is logged and started again after a back-off; the events its handler did not
+acknowledge stay pending, and come back when it starts again. :meth:`Worker.run`
+stops every consumer on SIGTERM or SIGINT and waits for the batches in hand.
+
+Only a synchronous :class:`~streambroker.Broker` and plain functions for now. The
+parts that do not depend on how handlers are called (which consumers to run,
+:func:`plan_consumers`; the counts, :class:`HandledCounts`; the back-off,
+:func:`restart_delay`) are meant to be shared with an asyncio worker, which would
+run the handlers of an :class:`~streambroker.AsyncBroker` as tasks instead of threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from .async_broker import AsyncBroker
+from .backoff import backoff
+from .broker import Broker, Consumer, Handler
+from .core import HandlerSpec
+from .errors import BrokerError, InvalidArgumentError
+from .events import Event
+
+__all__ = [
+    "ConsumerPlan",
+    "HandledCounts",
+    "Worker",
+    "default_name_prefix",
+    "load_app",
+    "plan_consumers",
+    "restart_delay",
+]
+
+log = logging.getLogger("streambroker.worker")
+
+#: The first back-off before a failed consumer starts again (seconds); it doubles
+#: with each failure in a row, up to :data:`MAX_RESTART_DELAY`.
+RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+#: Seconds between two summaries of :meth:`Worker.run`, by default.
+SUMMARY_INTERVAL = 60.0
+#: How often :meth:`Worker.run` looks whether a signal arrived (seconds).
+_SIGNAL_POLL = 0.1
+
+
+def load_app(spec: str) -> Broker:
+    """Import ``MODULE:APP`` and return the broker it names.
+
+    The module is looked up in the current directory too (it is added to ``sys.path``);
+    ``APP`` may be a dotted path (``module:services.broker``). Raises
+    :class:`~streambroker.InvalidArgumentError` saying what is wrong; an error the
+    module raises while it is imported is chained to it.
+    """
+    module_name, colon, attribute = spec.partition(":")
+    if not (colon and module_name and attribute):
+        raise InvalidArgumentError(f"{spec!r} is not MODULE:APP (e.g. myapp.events:broker)")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except BrokerError:
+        raise
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):
+            raise InvalidArgumentError(
+                f"cannot import {module_name!r}: no module named {exc.name!r} in the current "
+                "directory or on the Python path"
+            ) from exc
+        raise InvalidArgumentError(f"importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    app: object = module
+    for part in attribute.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise InvalidArgumentError(
+                f"module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if isinstance(app, AsyncBroker):
+        raise InvalidArgumentError(
+            f"{spec!r} is an AsyncBroker: the worker runs the handlers of a synchronous "
+            "Broker only, for now"
+        )
+    if not isinstance(app, Broker):
+        raise InvalidArgumentError(f"{spec!r} is a {type(app).__name__}, not a streambroker Broker")
+    return app
+
+
+def default_name_prefix() -> str:
+    """``<hostname>-<pid>``: consumer names unique to this process."""
+    host = socket.gethostname().partition(".")[0] or "localhost"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ConsumerPlan:
+    """One consumer a worker runs: its group, its name and the handler it calls."""
+
+    group: str
+    name: str
+    handler: HandlerSpec
+
+
+def plan_consumers(
+    handlers: Sequence[HandlerSpec],
+    *,
+    groups: Iterable[str] = (),
+    consumers: int = 1,
+    name_prefix: str | None = None,
+) -> list[ConsumerPlan]:
+    """The consumers to run: ``consumers`` per registered handler, named
+    ``<name_prefix>-1`` … ``<name_prefix>-<consumers>`` in each group.
+
+    Only the handlers of ``groups`` when given; raises
+    :class:`~streambroker.InvalidArgumentError` for a group without a handler, or
+    when there is nothing to run.
+    """
+    if isinstance(consumers, bool) or not isinstance(consumers, int) or consumers < 1:
+        raise InvalidArgumentError(f"consumers must be an integer >= 1, got {consumers!r}")
+    if not handlers:
+        raise InvalidArgumentError(
+            "no handlers are registered: decorate functions with @broker.handler(group)"
+        )
+    by_group = {spec.group: spec for spec in handlers}
+    wanted = list(dict.fromkeys(groups)) or list(by_group)
+    for spec in handlers:
+        count = spec.count
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidArgumentError(
+                f"the handler of consumer group {spec.group!r}: count must be an integer >= 1, "
+                f"got {count!r}"
+            )
+    missing = [group for group in wanted if group not in by_group]
+    if missing:
+        raise InvalidArgumentError(
+            f"no handler is registered for consumer group {', '.join(map(repr, missing))} "
+            f"(handlers: {', '.join(by_group)})"
+        )
+    prefix = default_name_prefix() if name_prefix is None else name_prefix
+    return [
+        ConsumerPlan(group, f"{prefix}-{i}", by_group[group])
+        for group in wanted
+        for i in range(1, consumers + 1)
+    ]
+
+
+def restart_delay(failures: int) -> float:
+    """The back-off before a consumer that failed ``failures`` times in a row starts
+    again (seconds, jittered)."""
+    return backoff(failures, RESTART_DELAY, MAX_RESTART_DELAY)
+
+
+class HandledCounts:
+    """How many events each group handled; safe to update from several threads."""
+
+    def __init__(self, groups: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(groups, 0)
+
+    def add(self, group: str, count: int) -> None:
+        """Count ``count`` more events handled by ``group``."""
+        with self._lock:
+            self._counts[group] += count
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts now, per group."""
+        with self._lock:
+            return dict(self._counts)
+
+
+def _summary(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{group} {count}" for group, count in counts.items())
+
+
+class _Slot:
+    """A consumer of a worker, with its failures in a row."""
+
+    def __init__(self, plan: ConsumerPlan, consumer: Consumer) -> None:
+        self.plan = plan
+        self.consumer = consumer
+        self.failures = 0
+        self.handler_failed = False
+        self.thread: threading.Thread | None = None
+
+
+class Worker:
+    """Runs the handlers registered on ``broker`` with consumers in threads.
+
+    ``groups`` restricts it to the handlers of those groups; ``consumers`` is the
+    number of consumers per group; their names are ``<name_prefix>-<i>``
+    (default prefix: ``<hostname>-<pid>``). Each consumer gets the ``count`` and
+    consumer options given to ``@broker.handler``. ``summary_interval`` is the time
+    between two summaries :meth:`run` logs. Consumer names and options are checked
+    here, before anything runs.
+
+    Use :meth:`run` to run until SIGTERM or SIGINT, or :meth:`start`, :meth:`stop`
+    and :meth:`join` (or ``with``) to run it beside other work.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        groups: Iterable[str] = (),
+        consumers: int = 1,
+        name_prefix: str | None = None,
+        summary_interval: float = SUMMARY_INTERVAL,
+    ) -> None:
+        if (
+            isinstance(summary_interval, bool)
+            or not isinstance(summary_interval, int | float)
+            or summary_interval <= 0
+        ):
+            raise InvalidArgumentError(
+                f"summary_interval must be a positive number of seconds, got {summary_interval!r}"
+            )
+        plans = plan_consumers(
+            broker.handlers, groups=groups, consumers=consumers, name_prefix=name_prefix
+        )
+        self._slots = []
+        for plan in plans:
+            function = plan.handler.function
+            if inspect.iscoroutinefunction(function):
+                raise InvalidArgumentError(
+                    f"the handler of consumer group {plan.group!r} ({function.__qualname__}) is "
+                    "a coroutine function: this worker runs synchronous handlers only"
+                )
+            consumer = broker.consumer(plan.group, plan.name, **plan.handler.options)
+            self._slots.append(_Slot(plan, consumer))
+        self.summary_interval = float(summary_interval)
+        self._per_group = consumers
+        self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
+        self._stopping = threading.Event()
+        self._started = False
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        """The consumers this worker runs, group by group."""
+        return [slot.consumer for slot in self._slots]
+
+    @property
+    def groups(self) -> list[str]:
+        """The consumer groups this worker serves."""
+        return list(self.counts.snapshot())
+
+    def start(self) -> None:
+        """Start every consumer in a thread of its own; returns at once."""
+        if self._started:
+            raise InvalidArgumentError("the worker was started already")
+        self._started = True
+        for slot in self._slots:
+            slot.thread = threading.Thread(
+                target=self._serve,
+                args=(slot,),
+                name=f"streambroker-{slot.plan.group}-{slot.plan.name}",
+                daemon=True,
+            )
+            slot.thread.start()
+        log.info(
+            "worker started: %d consumers per group for %s (%s)",
+            self._per_group,
+            ", ".join(self.groups),
+            ", ".join(dict.fromkeys(slot.plan.name for slot in self._slots)),
+        )
+
+    def stop(self) -> None:
+        """Ask every consumer to stop once its batch in hand is handled; returns at once.
+
+        Safe to call from another thread.
+        """
+        self._stopping.set()
+        for slot in self._slots:
+            slot.consumer.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every consumer to stop; True when all have (False on timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for slot in self._slots:
+            if slot.thread is None:
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            slot.thread.join(left)
+            if slot.thread.is_alive():
+                return False
+        return True
+
+    def run(self, handle_signals: bool | None = None) -> dict[str, int]:
+        """Run until :meth:`stop` is called, or SIGTERM or SIGINT arrives.
+
+        Logs a summary every ``summary_interval`` seconds, then stops every consumer,
+        waits for the batches in hand and returns how many events each group handled.
+        ``handle_signals`` (default: when called in the main thread) installs the
+        SIGTERM and SIGINT handlers; a second signal acts as it did before (SIGINT
+        raises :class:`KeyboardInterrupt`), for when a handler hangs.
+        """
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
+        previous: dict[int, Any] = {}
+        received: list[int] = []
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            # Only note it: taking a lock here could deadlock with the interrupted code.
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            received.append(signum)
+
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, on_signal)
+        try:
+            self.start()
+            last = self.counts.snapshot()
+            summary_at = time.monotonic() + self.summary_interval
+            while not self._stopping.is_set():
+                if received:
+                    log.info(
+                        "%s received: stopping after the batches in hand (send it again to "
+                        "quit at once)",
+                        signal.Signals(received[0]).name,
+                    )
+                    self.stop()
+                    break
+                if time.monotonic() >= summary_at:
+                    now = self.counts.snapshot()
+                    log.info(
+                        "handled %d events in the last %g s: %s",
+                        sum(now.values()) - sum(last.values()),
+                        self.summary_interval,
+                        _summary({group: now[group] - last[group] for group in now}),
+                    )
+                    last = now
+                    summary_at += self.summary_interval
+                self._stopping.wait(min(_SIGNAL_POLL, max(0.0, summary_at - time.monotonic())))
+            self.join()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                if signal.getsignal(sig) is on_signal:
+                    signal.signal(sig, handler)
+        totals = self.counts.snapshot()
+        log.info("worker stopped; handled %d events: %s", sum(totals.values()), _summary(totals))
+        return totals
+
+    def __enter__(self) -> Worker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.join()
+
+    # -- one consumer's thread ----------------------------------------------------
+
+    def _handler(self, slot: _Slot) -> Handler:
+        function = slot.plan.handler.function
+        group, name = slot.plan.group, slot.plan.name
+
+        def handle(events: list[Event]) -> None:
+            started = time.monotonic()
+            try:
+                function(events)
+            except BaseException:
+                slot.handler_failed = True
+                raise
+            slot.failures = 0
+            self.counts.add(group, len(events))
+            if log.isEnabledFor(logging.DEBUG):
+                streams = dict.fromkeys(event.stream for event in events)
+                log.debug(
+                    "consumer %s of group %s handled %d events of %s in %.3f s",
+                    name,
+                    group,
+                    len(events),
+                    ", ".join(streams),
+                    time.monotonic() - started,
+                )
+
+        return handle
+
+    def _serve(self, slot: _Slot) -> None:
+        handler = self._handler(slot)
+        group, name = slot.plan.group, slot.plan.name
+        while not self._stopping.is_set():
+            slot.handler_failed = False
+            try:
+                slot.consumer.consume(handler, slot.plan.handler.count, handle_signals=False)
+            except Exception as exc:
+                slot.failures += 1
+                delay = restart_delay(slot.failures)
+                if slot.handler_failed:
+                    log.error(
+                        "consumer %s of group %s: the handler raised %s; the events it did not "
+                        "acknowledge stay pending and come back; starting again in %.1f s",
+                        name,
+                        group,
+                        type(exc).__name__,
+                        delay,
+                        exc_info=exc,
+                    )
+                else:
+                    log.error(
+                        "consumer %s of group %s failed: %s; starting again in %.1f s",
+                        name,
+                        group,
+                        exc,
+                        delay,
+                        exc_info=None if isinstance(exc, BrokerError) else exc,
+                    )
+                self._stopping.wait(delay)

@@ -1,0 +1,290 @@
+"""The worker runner: the handlers registered with ``@broker.handler``, run by
+consumers in threads, on the real servers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import streambroker as sb
+from streambroker.runner import Worker, load_app
+
+from .conftest import seed_registry, wait_for
+
+FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.1, "retry_delay": 0.01}
+GROUPS = ("read-group-a", "read-group-ab", "read-group-c")
+
+
+class Recorder:
+    """Handlers for every group, recording the batches they handled."""
+
+    def __init__(self, broker: sb.Broker, counts: dict[str, int] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.batches: dict[str, list[list[sb.Event]]] = {group: [] for group in GROUPS}
+        for group in GROUPS:
+            count = (counts or {}).get(group, 10)
+            broker.handler(group, count=count, **FAST)(self.handler(group))
+
+    def handler(self, group: str) -> sb.Handler:
+        def handle(events: list[sb.Event]) -> None:
+            with self.lock:
+                self.batches[group].append(events)
+
+        return handle
+
+    def ids(self, group: str) -> list[str]:
+        with self.lock:
+            return [event.id for batch in self.batches[group] for event in batch]
+
+
+@pytest.fixture
+def broker(config: sb.ValidatedRegistry) -> Iterator[sb.Broker]:
+    """A synchronous broker of the seed's registry (the worker runs those)."""
+    with config.broker() as broker:
+        yield broker
+
+
+def test_each_handler_runs_with_its_consumers(broker: sb.Broker) -> None:
+    recorder = Recorder(broker, counts={"read-group-a": 2})
+    a_ids = [broker.publish("stream-a", n) for n in range(5)]
+
+    with Worker(broker, consumers=3, name_prefix="w") as worker:
+        b_ids = [broker.publish("stream-b", n) for n in range(4)]
+        c_ids = [broker.publish("stream-c", n) for n in range(3)]
+        wait_for(lambda: len(recorder.ids("read-group-ab")) == 9, 30, "read-group-ab")
+        wait_for(lambda: len(recorder.ids("read-group-a")) == 5, 30, "read-group-a")
+        wait_for(lambda: len(recorder.ids("read-group-c")) == 3, 30, "read-group-c")
+
+    assert [(c.group, c.name) for c in worker.consumers] == [
+        (group, f"w-{i}") for group in GROUPS for i in (1, 2, 3)
+    ]
+    assert sorted(recorder.ids("read-group-a")) == a_ids
+    assert sorted(recorder.ids("read-group-ab")) == sorted(a_ids + b_ids)
+    assert sorted(recorder.ids("read-group-c")) == c_ids
+    assert max(len(batch) for batch in recorder.batches["read-group-a"]) <= 2
+    assert worker.counts.snapshot() == {"read-group-a": 5, "read-group-ab": 9, "read-group-c": 3}
+    # Stopped: nothing pending, every consumer gone, every event collected.
+    for stream in broker.stats():
+        assert stream.length == 0
+        for group in stream.groups:
+            assert (group.lag, group.pending) == (0, 0)
+            assert {(c.name, c.alive) for c in group.consumers} == {
+                ("w-1", False),
+                ("w-2", False),
+                ("w-3", False),
+            }
+
+
+def test_a_failing_handler_is_logged_and_its_events_come_back(
+    broker: sb.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    deliveries: dict[object, list[int]] = {}
+    lock = threading.Lock()
+
+    @broker.handler("read-group-c", count=5, **FAST)
+    def fail_once(events: list[sb.Event]) -> None:
+        with lock:
+            for event in events:
+                deliveries.setdefault(event.body, []).append(event.delivery_count)
+            if deliveries.get("boom") == [1]:
+                raise RuntimeError("boom")
+
+    for body in ("one", "boom", "three"):
+        broker.publish("stream-c", body)
+
+    with Worker(broker) as worker:
+        wait_for(lambda: worker.counts.snapshot() == {"read-group-c": 3}, 30, "the retry")
+        broker.publish("stream-c", "after")
+        wait_for(lambda: worker.counts.snapshot() == {"read-group-c": 4}, 30, "the next one")
+
+    # The batch came back whole to the restarted consumer, then the worker went on.
+    assert deliveries == {"one": [1, 2], "boom": [1, 2], "three": [1, 2], "after": [1]}
+    (record,) = [r for r in caplog.records if r.name == "streambroker.worker" and r.exc_info]
+    assert record.levelno == logging.ERROR
+    assert "the handler raised RuntimeError" in record.getMessage()
+    assert "stay pending and come back" in record.getMessage()
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "boom"
+    assert broker.stream_stats("stream-c").length == 0
+
+
+def test_only_the_groups_asked_for(broker: sb.Broker) -> None:
+    recorder = Recorder(broker)
+    broker.publish("stream-a", "a")
+    broker.publish("stream-c", "c")
+
+    with Worker(broker, groups=["read-group-c"], consumers=2, name_prefix="x") as worker:
+        wait_for(lambda: len(recorder.ids("read-group-c")) == 1, 30, "read-group-c")
+
+    assert worker.groups == ["read-group-c"]
+    assert [c.name for c in worker.consumers] == ["x-1", "x-2"]
+    assert recorder.ids("read-group-a") == recorder.ids("read-group-ab") == []
+    a_groups = broker.stream_stats("stream-a").groups
+    assert [(g.group, g.lag, g.consumers) for g in a_groups] == [
+        ("read-group-a", 1, ()),
+        ("read-group-ab", 1, ()),
+    ]
+
+
+def test_run_logs_summaries_until_stopped(
+    broker: sb.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambroker.worker")
+    Recorder(broker)
+    broker.publish("stream-c", 1)
+    broker.publish("stream-c", 2)
+    worker = Worker(broker, groups=["read-group-c"], summary_interval=0.01)
+
+    def stop_after_a_summary() -> None:
+        wait_for(lambda: worker.counts.snapshot() == {"read-group-c": 2}, 30, "the events")
+        wait_for(lambda: "events in the last 0.01 s" in caplog.text, 30, "a summary")
+        worker.stop()
+
+    helper = threading.Thread(target=stop_after_a_summary)
+    helper.start()
+    totals = worker.run(handle_signals=False)
+    helper.join()
+
+    assert totals == {"read-group-c": 2}
+    messages = [r.getMessage() for r in caplog.records if r.name == "streambroker.worker"]
+    assert messages[0].startswith("worker started: 1 consumers per group for read-group-c (")
+    summaries = [m for m in messages if " events in the last 0.01 s: read-group-c " in m]
+    assert summaries
+    assert sum(int(m.split()[1]) for m in summaries) <= 2
+    assert messages[-1] == "worker stopped; handled 2 events: read-group-c 2"
+
+
+def test_run_stops_gracefully_on_sigterm(broker: sb.Broker) -> None:
+    recorder = Recorder(broker)
+    broker.publish("stream-a", 1)
+    before = signal.getsignal(signal.SIGTERM)
+    worker = Worker(broker, consumers=2)
+
+    def terminate_once_handled() -> None:
+        wait_for(lambda: len(recorder.ids("read-group-ab")) == 1, 30, "the event")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    helper = threading.Thread(target=terminate_once_handled)
+    helper.start()
+    totals = worker.run()
+    helper.join()
+
+    assert totals == {"read-group-a": 1, "read-group-ab": 1, "read-group-c": 0}
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert worker.join(timeout=0)
+    assert broker.stream_stats("stream-a").length == 0
+
+
+def test_bad_settings_are_refused_before_anything_runs() -> None:
+    config = seed_registry("127.0.0.1:1:0", "127.0.0.1:1:3")  # never contacted
+    with config.broker() as broker:
+        with pytest.raises(sb.InvalidArgumentError, match="no handlers are registered"):
+            Worker(broker)
+
+        @broker.handler("read-group-a", count=0)
+        def zero(events: list[sb.Event]) -> None:
+            del events
+
+        with pytest.raises(sb.InvalidArgumentError, match="count must be an integer >= 1, got 0"):
+            Worker(broker)
+
+    with config.broker() as broker:
+
+        @broker.handler("read-group-a")
+        def handle(events: list[sb.Event]) -> None:
+            del events
+
+        @broker.handler("read-group-c")
+        async def handle_async(events: list[sb.Event]) -> None:
+            del events
+
+        with pytest.raises(
+            sb.InvalidArgumentError, match=r"handle_async\) is a coroutine function"
+        ):
+            Worker(broker)
+        with pytest.raises(
+            sb.InvalidArgumentError,
+            match=r"no handler is registered for consumer group 'read-group-ab' \(handlers: "
+            r"read-group-a, read-group-c\)",
+        ):
+            Worker(broker, groups=["read-group-a", "read-group-ab"])
+        with pytest.raises(sb.InvalidArgumentError, match="consumers must be an integer >= 1"):
+            Worker(broker, groups=["read-group-a"], consumers=0)
+        with pytest.raises(sb.InvalidArgumentError, match="summary_interval must be a positive"):
+            Worker(broker, groups=["read-group-a"], summary_interval=0)
+        with pytest.raises(sb.InvalidArgumentError, match="holds ' '"):
+            Worker(broker, groups=["read-group-a"], name_prefix="a b")
+
+
+@pytest.fixture
+def app_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Path]:
+    """The working directory, for application modules; ``sys.path`` and the modules
+    imported from it are restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        if name.startswith("sbapp_"):
+            del sys.modules[name]
+
+
+def module(directory: Path, source: str) -> str:
+    name = f"sbapp_{uuid.uuid4().hex}"
+    (directory / f"{name}.py").write_text(source)
+    return name
+
+
+def test_load_app_imports_from_the_current_directory(app_dir: Path) -> None:
+    name = module(
+        app_dir,
+        "import streambroker as sb\n"
+        "registry = sb.Registry()\n"
+        "registry.register_redis('127.0.0.1:1:0')\n"
+        "registry.register_stream('s', groups=['g'])\n"
+        "broker = registry.validate().broker()\n"
+        "class services:\n"
+        "    broker = broker\n"
+        "async_broker = registry.validate().async_broker()\n",
+    )
+
+    loaded = load_app(f"{name}:broker")
+
+    assert isinstance(loaded, sb.Broker)
+    assert list(loaded.registry.streams) == ["s"]
+    assert load_app(f"{name}:services.broker") is loaded
+    with pytest.raises(sb.InvalidArgumentError, match="is an AsyncBroker: the worker runs"):
+        load_app(f"{name}:async_broker")
+    with pytest.raises(sb.InvalidArgumentError, match=r"has no attribute 'services\.nope'"):
+        load_app(f"{name}:services.nope")
+
+
+def test_load_app_chains_the_error_of_the_module(app_dir: Path) -> None:
+    failing = module(app_dir, "import json\njson.loads('{')\n")
+    missing_dependency = module(app_dir, "import sbapp_missing_dependency\n")
+    bad_config = module(
+        app_dir, "import streambroker as sb\nsb.Registry.from_yaml('nowhere.yaml')\n"
+    )
+
+    with pytest.raises(sb.InvalidArgumentError, match="JSONDecodeError: Expecting") as failed:
+        load_app(f"{failing}:broker")
+    assert type(failed.value.__cause__).__name__ == "JSONDecodeError"
+    # A module the application imports is missing: not the application itself.
+    with pytest.raises(
+        sb.InvalidArgumentError,
+        match=f"importing '{missing_dependency}' failed: No module named 'sbapp_missing_dep",
+    ):
+        load_app(f"{missing_dependency}:broker")
+    # The library's own errors pass through unchanged.
+    with pytest.raises(sb.ConfigError, match=r"nowhere\.yaml: config file not found"):
+        load_app(f"{bad_config}:broker")
