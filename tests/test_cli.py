@@ -628,6 +628,45 @@ def test_worker_runs_the_handlers_until_sigterm(
     assert out == ""
 
 
+ASYNC_APP = """\
+import asyncio
+
+import redis.asyncio
+
+import streambroker as sb
+
+client = redis.asyncio.Redis(host="127.0.0.1", port={port}, db=5)
+broker = sb.Registry.from_yaml("streambroker.yaml").validate().async_broker()
+
+
+@broker.handler("read-group-ab", count=2, **{fast!r})
+async def handle_ab(events):
+    await asyncio.sleep(0)
+    await client.rpush("handled:read-group-ab", *[event.id for event in events])
+"""
+
+
+def test_worker_runs_coroutine_handlers_of_an_async_broker(
+    project: Path, client: sb.Broker, server: Server
+) -> None:
+    (project / "app.py").write_text(ASYNC_APP.format(port=server.port, fast=FAST))
+    records = server.client(db=5)
+    ids = [client.publish("stream-a", n) for n in range(3)]
+    process = start([*CLI, "worker", "app:broker", "--consumers", "2"], project)
+    try:
+        ids += [client.publish("stream-b", n) for n in range(3)]
+        wait_for(lambda: records.llen("handled:read-group-ab") == 6, 30, "the events")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    handled = sorted(raw.decode() for raw in records.lrange("handled:read-group-ab", 0, -1))
+    assert handled == sorted(ids)
+    assert "worker stopped; handled 6 events: read-group-ab 6" in output(project)[1]
+    assert client.group_stats("stream-b", "read-group-ab").pending == 0
+    assert client.stream_stats("stream-b").length == 0
+
+
 def test_worker_errors(project: Path) -> None:
     (project / "app.py").write_text("import streambroker as sb\nbroker = 1\n")
     (project / "broken.py").write_text("raise ValueError('broken module')\n")
@@ -637,7 +676,7 @@ def test_worker_errors(project: Path) -> None:
         ("missing:broker", "cannot import 'missing': no module named 'missing' in the current "
          "directory or on the Python path"),
         ("app:nothing", "module 'app' has no attribute 'nothing'"),
-        ("app:broker", "'app:broker' is a int, not a streambroker Broker"),
+        ("app:broker", "'app:broker' is a int, not a streambroker Broker or AsyncBroker"),
         ("broken:broker", "importing 'broken' failed: ValueError: broken module"),
     ]:  # fmt: skip
         code, out, err = invoke("worker", spec)

@@ -8,6 +8,7 @@ below it) and exit code 1; ``--debug`` shows the traceback instead, and debug lo
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ._effects import Op, Send
+from .async_broker import AsyncBroker
 from .broker import Broker
 from .config import DEFAULT_DATA_DIR, Registry, ValidatedRegistry
 from .deadletters import DeadLetter
@@ -42,7 +44,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .events import Event
-from .runner import Worker, default_name_prefix, load_app
+from .runner import AsyncWorker, Worker, default_name_prefix, load_app
 from .stats import StreamStats
 
 __all__ = ["app", "error_lines", "event_line", "event_record", "load_config", "main", "stats_table"]
@@ -608,15 +610,22 @@ def worker(
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger().setLevel(level)
     broker = load_app(app_spec)
+    settings: dict[str, Any] = {
+        "groups": groups or [],
+        "consumers": consumers,
+        "name_prefix": name_prefix,
+        "summary_interval": summary_interval,
+    }
+    if isinstance(broker, AsyncBroker):
+        asyncio.run(_run_async_worker(broker, settings))
+        return
     with broker:
-        runner = Worker(
-            broker,
-            groups=groups or [],
-            consumers=consumers,
-            name_prefix=name_prefix,
-            summary_interval=summary_interval,
-        )
-        runner.run()
+        Worker(broker, **settings).run()
+
+
+async def _run_async_worker(broker: AsyncBroker, settings: dict[str, Any]) -> None:
+    async with broker:
+        await AsyncWorker(broker, **settings).run()
 
 
 # -- gc, claim, dead letters ----------------------------------------------------------

@@ -10,15 +10,17 @@ good) is logged and started again after a back-off; the events its handler did n
 acknowledge stay pending, and come back when it starts again. :meth:`Worker.run`
 stops every consumer on SIGTERM or SIGINT and waits for the batches in hand.
 
-Only a synchronous :class:`~streambroker.Broker` and plain functions for now. The
-parts that do not depend on how handlers are called (which consumers to run,
-:func:`plan_consumers`; the counts, :class:`HandledCounts`; the back-off,
-:func:`restart_delay`) are meant to be shared with an asyncio worker, which would
-run the handlers of an :class:`~streambroker.AsyncBroker` as tasks instead of threads.
+A :class:`Worker` runs the plain-function handlers of a :class:`~streambroker.Broker`
+in threads; an :class:`AsyncWorker` runs the handlers of an
+:class:`~streambroker.AsyncBroker` (coroutine functions, or plain functions in worker
+threads) as tasks. Both share the planning (:func:`plan_consumers`), the counts
+(:class:`HandledCounts`), the back-off (:func:`restart_delay`) and the logging.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
@@ -31,9 +33,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from .async_broker import AsyncBroker
+from .async_broker import AsyncBroker, AsyncConsumer
 from .backoff import backoff
 from .broker import Broker, Consumer, Handler
 from .core import HandlerSpec
@@ -41,6 +43,7 @@ from .errors import BrokerError, InvalidArgumentError
 from .events import Event
 
 __all__ = [
+    "AsyncWorker",
     "ConsumerPlan",
     "HandledCounts",
     "Worker",
@@ -62,8 +65,8 @@ SUMMARY_INTERVAL = 60.0
 _SIGNAL_POLL = 0.1
 
 
-def load_app(spec: str) -> Broker:
-    """Import ``MODULE:APP`` and return the broker it names.
+def load_app(spec: str) -> Broker | AsyncBroker:
+    """Import ``MODULE:APP`` and return the broker (sync or asyncio) it names.
 
     The module is looked up in the current directory too (it is added to ``sys.path``);
     ``APP`` may be a dotted path (``module:services.broker``). Raises
@@ -99,13 +102,10 @@ def load_app(spec: str) -> Broker:
             raise InvalidArgumentError(
                 f"module {module_name!r} has no attribute {attribute!r}"
             ) from None
-    if isinstance(app, AsyncBroker):
+    if not isinstance(app, Broker | AsyncBroker):
         raise InvalidArgumentError(
-            f"{spec!r} is an AsyncBroker: the worker runs the handlers of a synchronous "
-            "Broker only, for now"
+            f"{spec!r} is a {type(app).__name__}, not a streambroker Broker or AsyncBroker"
         )
-    if not isinstance(app, Broker):
-        raise InvalidArgumentError(f"{spec!r} is a {type(app).__name__}, not a streambroker Broker")
     return app
 
 
@@ -195,12 +195,23 @@ def _summary(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{group} {count}" for group, count in counts.items())
 
 
-class _Slot:
+def _positive_interval(seconds: object) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+        raise InvalidArgumentError(
+            f"summary_interval must be a positive number of seconds, got {seconds!r}"
+        )
+    return float(seconds)
+
+
+ConsumerT = TypeVar("ConsumerT", Consumer, AsyncConsumer)
+
+
+class _Slot(Generic[ConsumerT]):
     """A consumer of a worker, with its failures in a row."""
 
-    def __init__(self, plan: ConsumerPlan, consumer: Consumer) -> None:
+    def __init__(self, plan: ConsumerPlan, consumer: ConsumerT) -> None:
         self.plan = plan
-        self.consumer = consumer
+        self.consumer: ConsumerT = consumer
         self.failures = 0
         self.handler_failed = False
         self.thread: threading.Thread | None = None
@@ -229,14 +240,7 @@ class Worker:
         name_prefix: str | None = None,
         summary_interval: float = SUMMARY_INTERVAL,
     ) -> None:
-        if (
-            isinstance(summary_interval, bool)
-            or not isinstance(summary_interval, int | float)
-            or summary_interval <= 0
-        ):
-            raise InvalidArgumentError(
-                f"summary_interval must be a positive number of seconds, got {summary_interval!r}"
-            )
+        interval = _positive_interval(summary_interval)
         plans = plan_consumers(
             broker.handlers, groups=groups, consumers=consumers, name_prefix=name_prefix
         )
@@ -246,11 +250,11 @@ class Worker:
             if inspect.iscoroutinefunction(function):
                 raise InvalidArgumentError(
                     f"the handler of consumer group {plan.group!r} ({function.__qualname__}) is "
-                    "a coroutine function: this worker runs synchronous handlers only"
+                    "a coroutine function: register it on an AsyncBroker (config.async_broker())"
                 )
             consumer = broker.consumer(plan.group, plan.name, **plan.handler.options)
             self._slots.append(_Slot(plan, consumer))
-        self.summary_interval = float(summary_interval)
+        self.summary_interval = interval
         self._per_group = consumers
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = threading.Event()
@@ -374,9 +378,8 @@ class Worker:
 
     # -- one consumer's thread ----------------------------------------------------
 
-    def _handler(self, slot: _Slot) -> Handler:
+    def _handler(self, slot: _Slot[Consumer]) -> Handler:
         function = slot.plan.handler.function
-        group, name = slot.plan.group, slot.plan.name
 
         def handle(events: list[Event]) -> None:
             started = time.monotonic()
@@ -385,48 +388,146 @@ class Worker:
             except BaseException:
                 slot.handler_failed = True
                 raise
-            slot.failures = 0
-            self.counts.add(group, len(events))
-            if log.isEnabledFor(logging.DEBUG):
-                streams = dict.fromkeys(event.stream for event in events)
-                log.debug(
-                    "consumer %s of group %s handled %d events of %s in %.3f s",
-                    name,
-                    group,
-                    len(events),
-                    ", ".join(streams),
-                    time.monotonic() - started,
-                )
+            _handled(slot, self.counts, events, started)
 
         return handle
 
-    def _serve(self, slot: _Slot) -> None:
+    def _serve(self, slot: _Slot[Consumer]) -> None:
         handler = self._handler(slot)
-        group, name = slot.plan.group, slot.plan.name
         while not self._stopping.is_set():
             slot.handler_failed = False
             try:
                 slot.consumer.consume(handler, slot.plan.handler.count, handle_signals=False)
             except Exception as exc:
-                slot.failures += 1
-                delay = restart_delay(slot.failures)
-                if slot.handler_failed:
-                    log.error(
-                        "consumer %s of group %s: the handler raised %s; the events it did not "
-                        "acknowledge stay pending and come back; starting again in %.1f s",
-                        name,
-                        group,
-                        type(exc).__name__,
-                        delay,
-                        exc_info=exc,
-                    )
-                else:
-                    log.error(
-                        "consumer %s of group %s failed: %s; starting again in %.1f s",
-                        name,
-                        group,
-                        exc,
-                        delay,
-                        exc_info=None if isinstance(exc, BrokerError) else exc,
-                    )
-                self._stopping.wait(delay)
+                self._stopping.wait(_failed(slot, exc))
+
+
+def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], started: float) -> None:
+    """Account for a batch the handler of ``slot`` handled."""
+    slot.failures = 0
+    counts.add(slot.plan.group, len(events))
+    if log.isEnabledFor(logging.DEBUG):
+        streams = dict.fromkeys(event.stream for event in events)
+        log.debug(
+            "consumer %s of group %s handled %d events of %s in %.3f s",
+            slot.plan.name,
+            slot.plan.group,
+            len(events),
+            ", ".join(streams),
+            time.monotonic() - started,
+        )
+
+
+def _failed(slot: _Slot[Any], exc: Exception) -> float:
+    """Log why the consumer of ``slot`` stopped; returns the delay before it restarts."""
+    slot.failures += 1
+    delay = restart_delay(slot.failures)
+    name, group = slot.plan.name, slot.plan.group
+    if slot.handler_failed:
+        log.error(
+            "consumer %s of group %s: the handler raised %s; the events it did not "
+            "acknowledge stay pending and come back; starting again in %.1f s",
+            name,
+            group,
+            type(exc).__name__,
+            delay,
+            exc_info=exc,
+        )
+    else:
+        log.error(
+            "consumer %s of group %s failed: %s; starting again in %.1f s",
+            name,
+            group,
+            exc,
+            delay,
+            exc_info=None if isinstance(exc, BrokerError) else exc,
+        )
+    return delay
+
+
+class AsyncWorker:
+    """Runs the handlers registered on an :class:`~streambroker.AsyncBroker` as tasks.
+
+    The same settings and behaviour as :class:`Worker`; handlers may be coroutine
+    functions (awaited) or plain functions (run in worker threads).
+    """
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        *,
+        groups: Iterable[str] = (),
+        consumers: int = 1,
+        name_prefix: str | None = None,
+        summary_interval: float = SUMMARY_INTERVAL,
+    ) -> None:
+        plans = plan_consumers(
+            broker.handlers, groups=groups, consumers=consumers, name_prefix=name_prefix
+        )
+        self._slots = [
+            _Slot(plan, broker.consumer(plan.group, plan.name, **plan.handler.options))
+            for plan in plans
+        ]
+        self.summary_interval = _positive_interval(summary_interval)
+        self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
+        self._stopping = asyncio.Event()
+
+    async def stop(self) -> None:
+        """Ask every consumer to stop once its batch in hand is handled."""
+        self._stopping.set()
+        for slot in self._slots:
+            await slot.consumer.stop()
+
+    async def run(self, handle_signals: bool | None = None) -> dict[str, int]:
+        """Run until :meth:`stop`, SIGTERM or SIGINT; returns the counts per group."""
+        loop = asyncio.get_running_loop()
+        if handle_signals is None:
+            handle_signals = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        tasks = [asyncio.create_task(self._serve(slot)) for slot in self._slots]
+        log.info("worker started: %d consumers", len(tasks))
+        try:
+            last = self.counts.snapshot()
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.summary_interval)
+                now = self.counts.snapshot()
+                log.info(
+                    "handled in the last %g s: %s",
+                    self.summary_interval,
+                    _summary({g: now[g] - last[g] for g in now}),
+                )
+                last = now
+            await asyncio.gather(*tasks)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        totals = self.counts.snapshot()
+        log.info("worker stopped; handled %d events: %s", sum(totals.values()), _summary(totals))
+        return totals
+
+    async def _serve(self, slot: _Slot[AsyncConsumer]) -> None:
+        function = slot.plan.handler.function
+
+        async def handle(events: list[Event]) -> None:
+            started = time.monotonic()
+            try:
+                result = function(events)
+                if inspect.isawaitable(result):
+                    await result
+            except BaseException:
+                slot.handler_failed = True
+                raise
+            _handled(slot, self.counts, events, started)
+
+        while not self._stopping.is_set():
+            slot.handler_failed = False
+            try:
+                await slot.consumer.consume(handle, slot.plan.handler.count, handle_signals=False)
+            except Exception as exc:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _failed(slot, exc))
