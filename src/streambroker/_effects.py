@@ -9,8 +9,7 @@ throws the error into the generator. No logic lives in an I/O layer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -133,13 +132,20 @@ def outcome(perform: Callable[..., Any], *args: Any) -> tuple[Any, BaseException
         return None, exc
 
 
-@contextmanager
-def translated(pool: str) -> Iterator[None]:
+class translated:  # noqa: N801 - used as a function: ``with translated(pool):``
     """Within the block, redis-py errors become the broker's errors naming ``pool``."""
-    try:
-        yield
-    except rex.RedisError as exc:
-        raise translate_error(exc, pool) from exc
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, rex.RedisError):
+            raise translate_error(exc, self.pool) from exc
 
 
 def is_single(send: Send) -> bool:

@@ -124,6 +124,10 @@ class BrokerCore:
                     )
         self._ready_pools.update(todo)
 
+    def is_ready(self, pool: str) -> bool:
+        """Whether the groups of ``pool`` were created by this broker already."""
+        return pool in self._ready_pools
+
     def forget_groups(self, pool: str) -> None:
         """Make the next operation on ``pool`` create its groups again (they were lost)."""
         self._ready_pools.discard(pool)

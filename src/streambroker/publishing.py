@@ -21,10 +21,16 @@ def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | No
 
 def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     """Publish one event; returns its id."""
-    command = _xadd(core, stream, body, meta)
-    pool = core.registry.streams[stream].pool
-    yield from core.ensure_groups((pool,))
-    (reply,) = yield Send(pool, (command,))
+    spec = core.stream(stream)
+    command = (
+        "XADD",
+        stream,
+        "*",
+        *encode_fields(stream, body, meta, core.codec, core.max_body_size),
+    )
+    if not core.is_ready(spec.pool):
+        yield from core.ensure_groups((spec.pool,))
+    (reply,) = yield Send(spec.pool, (command,))
     return reply.decode()  # type: ignore[no-any-return]
 
 
