@@ -18,28 +18,55 @@ T = TypeVar("T")
 
 
 class _Heartbeat:
-    """Runs a handler's heartbeat operation every interval while the handler runs."""
+    """One thread per ``run()`` that beats while a handler runs.
 
-    def __init__(self, driver: SyncDriver, effect: fx.Handle) -> None:
+    :meth:`during` tells it a handler started (and when it ended); it then runs the
+    handler's heartbeat operation every interval. One thread serves every batch, so
+    a batch costs no thread start.
+    """
+
+    def __init__(self, driver: SyncDriver) -> None:
         self._driver = driver
-        self._effect = effect
-        self._done = threading.Event()
+        self._changed = threading.Condition()
+        self._effect: fx.Handle | None = None
+        self._since = 0.0
+        self._closed = False
         self._thread = threading.Thread(target=self._beat, name="streambroker-heartbeat")
-
-    def __enter__(self) -> None:
         self._thread.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
+    def during(self, effect: fx.Handle | None) -> None:
+        """A handler of ``effect`` runs from now on (``None``: it returned)."""
+        with self._changed:
+            self._effect = effect
+            self._since = time.monotonic()
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
         self._thread.join()
 
     def _beat(self) -> None:
-        assert self._effect.heartbeat is not None
-        while not self._done.wait(self._effect.interval):
-            try:
-                self._driver.run(self._effect.heartbeat())
-            except BrokerError as exc:
-                fx.log.warning("heartbeat failed (will try again): %s", exc)
+        with self._changed:
+            while not self._closed:
+                effect = self._effect
+                if effect is None or effect.heartbeat is None:
+                    self._changed.wait()
+                    continue
+                due = self._since + effect.interval - time.monotonic()
+                if due > 0:
+                    self._changed.wait(due)
+                    continue
+                self._since = time.monotonic()
+                self._changed.release()
+                try:
+                    self._driver.run(effect.heartbeat())
+                except BrokerError as exc:
+                    fx.log.warning("heartbeat failed (will try again): %s", exc)
+                finally:
+                    self._changed.acquire()
 
 
 class SyncDriver:
@@ -74,27 +101,38 @@ class SyncDriver:
         ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short.
         """
         driving = fx.Driving(op)
-        while not driving.done:
-            driving.resume(*fx.outcome(self._perform, driving.effect, handler, wake))
+        beats: list[_Heartbeat] = []
+        try:
+            while not driving.done:
+                effect = driving.effect
+                if isinstance(effect, fx.Handle):
+                    assert handler is not None
+                    driving.resume(*fx.outcome(self._handle, effect, handler, beats))
+                else:
+                    driving.resume(*fx.outcome(self._perform, effect, wake))
+        finally:
+            for beat in beats:
+                beat.close()
         return driving.result  # type: ignore[return-value]
 
-    def _perform(
-        self, effect: fx.Effect, handler: fx.AnyHandler | None, wake: threading.Event | None
-    ) -> Any:
+    def _perform(self, effect: fx.Effect, wake: threading.Event | None) -> Any:
         if isinstance(effect, fx.Send):
             return self._send(effect)
         if isinstance(effect, fx.Parallel):
             return self._parallel(effect)
-        if isinstance(effect, fx.Sleep):
-            return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
-        assert handler is not None
-        return self._handle(effect, handler)
+        assert isinstance(effect, fx.Sleep)
+        return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
 
-    def _handle(self, effect: fx.Handle, handler: fx.AnyHandler) -> object:
+    def _handle(self, effect: fx.Handle, handler: fx.AnyHandler, beats: list[_Heartbeat]) -> object:
         if effect.heartbeat is None:
             return handler(effect.events)
-        with _Heartbeat(self, effect):
+        if not beats:
+            beats.append(_Heartbeat(self))
+        beats[0].during(effect)
+        try:
             return handler(effect.events)
+        finally:
+            beats[0].during(None)
 
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):

@@ -17,11 +17,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._effects import Command, Handle, Op, Parallel, Send, Sleep, single
+from ._effects import Command, Handle, Op, Parallel, ReplyError, Send, Sleep, single
 from .backoff import backoff
 from .config import check_name
 from .core import BrokerCore
@@ -269,15 +268,34 @@ class ConsumerCore:
     def _acquire(self) -> Op[None]:
         # Registered with the group at once (not at its first read), so statistics
         # list a live consumer even before it received anything.
-        yield Parallel(
-            [
-                Send(
-                    pool,
-                    [("XGROUP", "CREATECONSUMER", s.key, self.group, self.name) for s in sources],
-                )
-                for pool, sources in self._by_pool.items()
-            ]
-        )
+        sends = [
+            Send(
+                pool,
+                [("XGROUP", "CREATECONSUMER", s.key, self.group, self.name) for s in sources],
+                allow_errors=True,
+            )
+            for pool, sources in self._by_pool.items()
+        ]
+        results = yield Parallel(sends)
+        lost = [
+            send.pool
+            for send, replies in zip(sends, results, strict=True)
+            if any(isinstance(reply, ReplyError) for reply in replies)
+        ]
+        if lost:
+            log.warning(
+                "consumer %s of group %s: the group vanished from redis pool %s (the server "
+                "lost data, or someone deleted it); recreating it",
+                self.name,
+                self.group,
+                ", ".join(map(repr, lost)),
+            )
+            for pool in lost:
+                self.core.forget_groups(pool)
+            yield from self.core.ensure_groups(lost)
+            yield Parallel(
+                [replace(send, allow_errors=False) for send in sends if send.pool in lost]
+            )
         token = uuid.uuid4().hex
         ttl = int(self.options.lease * 1000)
         (reply,) = yield single(
@@ -473,12 +491,14 @@ class ConsumerCore:
     def _screen(self, events: list[Event]) -> list[Event]:
         """Set aside events delivered more than ``max_deliveries`` times; sort the rest."""
         limit = self.options.max_deliveries
-        kept = []
-        for event in events:
-            if event.delivery_count > limit:
-                self._bury(event, f"delivered {event.delivery_count - 1} times without success")
-            else:
-                kept.append(event)
+        kept = events
+        if any(event.delivery_count > limit for event in events):
+            kept = []
+            for event in events:
+                if event.delivery_count > limit:
+                    self._bury(event, f"delivered {event.delivery_count - 1} times without success")
+                else:
+                    kept.append(event)
         if len({event.key for event in kept}) > 1:
             kept.sort(key=_id_key)
         return kept
@@ -525,9 +545,22 @@ class ConsumerCore:
                 break  # the rest stays pending: this consumer reads it first next time
         return handled
 
-    def _settle(self, events: Iterable[Event], succeeded: bool) -> None:
+    def _settle(self, events: list[Event], succeeded: bool) -> None:
         now = time.monotonic()
         safe = self.options.retry_after * _SAFE_SHARE
+        keys = {event.key for event in events}
+        if (
+            succeeded
+            and len(keys) == 1
+            and not self._lost
+            and now - min(event.read_at for event in events) < safe
+            and all(event.error is None for event in events)
+        ):
+            # The common case, in one go: a whole fresh batch of one stream handled.
+            (key,) = keys
+            out = self._outgoing[self._sources[key].pool]
+            out.acks.setdefault(key, []).extend([event.id for event in events])
+            return
         for event in events:
             source = self._sources[event.key]
             if event.error is not None:

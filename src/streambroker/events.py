@@ -18,6 +18,12 @@ _BODY = BODY_FIELD.encode()
 _CODEC = CODEC_FIELD.encode()
 _RESERVED = RESERVED_PREFIX.encode()
 _UNSET: Any = object()
+_CODECS_BY_NAME = {name.encode(): codec for name, codec in CODECS.items()}
+_PLAIN = {
+    name: decode
+    for name, codec in _CODECS_BY_NAME.items()
+    if (decode := getattr(codec, "decode_plain", None)) is not None
+}
 
 
 def _type_name(into: Any) -> str:
@@ -138,7 +144,16 @@ class Event:
     def body(self) -> Any:
         """The decoded body (None for meta-only events)."""
         if self._body is _UNSET:
-            self._body = self._decode(None)
+            fields = self._fields
+            # The fast path, for entries laid out as the broker writes them.
+            decode = _PLAIN.get(fields[-1]) if len(fields) >= 4 else None
+            if decode is not None and fields[-4] == _BODY and fields[-2] == _CODEC:
+                try:
+                    self._body = decode(fields[-3])
+                except Exception:
+                    self._body = self._decode(None)  # raises the error naming the event
+            else:
+                self._body = self._decode(None)
         return self._body
 
     def decode(self, into: type[T]) -> T:
@@ -146,20 +161,28 @@ class Event:
         result: T = self._decode(into)
         return result
 
+    def _body_and_codec(self) -> tuple[bytes | None, bytes | None]:
+        fields = self._fields
+        # The broker writes them last: look there first.
+        if len(fields) >= 4 and fields[-4] == _BODY and fields[-2] == _CODEC:
+            return fields[-3], fields[-1]
+        return self._field(_BODY), self._field(_CODEC)
+
     def _decode(self, into: type[Any] | None) -> Any:
-        raw = self._field(_BODY)
+        raw, codec_name = self._body_and_codec()
         if raw is None:
             if into is None:
                 return None
             raise self._fail(f"the event has no body to decode into {_type_name(into)}")
-        codec_name = self.codec
         if codec_name is None:
             raise self._fail(f"the entry has a {BODY_FIELD} field but no {CODEC_FIELD}")
-        codec = CODECS.get(codec_name)
+        codec = _CODECS_BY_NAME.get(codec_name)
         if codec is None:
-            raise self._fail(f"unknown codec {codec_name!r}")
+            raise self._fail(f"unknown codec {codec_name.decode(errors='replace')!r}")
         try:
+            if into is None:
+                return codec.decode(raw)
             return codec.decode(raw, into)
         except Exception as exc:
             target = f" into {_type_name(into)}" if into is not None else ""
-            raise self._fail(f"cannot decode the {codec_name} body{target}: {exc}") from exc
+            raise self._fail(f"cannot decode the {codec.name} body{target}: {exc}") from exc

@@ -1,0 +1,5 @@
+"""``python -m bench``: run the benchmark suite."""
+
+from .cli import main
+
+main()
