@@ -178,6 +178,37 @@ def redis_server(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathF
     return _started("redis", _servers, tmp_path_factory)
 
 
+#: The seed document's YAML, with the pool addresses left open.
+SEED_YAML_TEMPLATE = """\
+default:
+    redis: {default}
+    streams:
+        stream-a:
+          - read-group-a
+          - read-group-ab
+        stream-b:
+          - read-group-ab
+second:
+    redis: {second}
+    streams:
+        stream-c:
+          - read-group-c
+"""
+#: The seed document's YAML, verbatim.
+SEED_YAML = SEED_YAML_TEMPLATE.format(default="localhost:6379:0", second="192.168.1.20:6379:3")
+
+
+def seed_code() -> sb.Registry:
+    """The seed document's code example, with stream-c in pool second."""
+    registry = sb.Registry()
+    registry.register_redis("localhost:6379", db=0)
+    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
+    registry.register_stream("stream-b", "default", ["read-group-ab"])
+    registry.register_redis("192.168.1.20:6379", db=3, pool="second")
+    registry.register_stream("stream-c", "second", ["read-group-c"])
+    return registry
+
+
 def seed_registry(address_default: str, address_second: str) -> sb.ValidatedRegistry:
     """The seed's example registry with the given pool addresses (``host:port:db``)."""
     registry = sb.Registry()

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import streambroker as sb
 from streambroker.cli import app
 
-from .conftest import Server, free_port, wait_for
+from .conftest import SEED_YAML_TEMPLATE, Server, free_port, wait_for
 
 CLI = [sys.executable, "-m", "streambroker"]
 SCRIPT = Path(sys.executable).with_name("streambroker")
@@ -31,21 +31,7 @@ DEFAULT_DIR = ".streambroker"
 ROW = re.compile(r"(read-group-[a-z]+)[^\w-]+(stream-[a-z])[^\w-]+(\d+)[^\w-]+(\d+)")
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.1, "retry_delay": 0.01}
 
-CONFIG = """\
-default:
-    redis: {default}
-    streams:
-        stream-a:
-          - read-group-a
-          - read-group-ab
-        stream-b:
-          - read-group-ab
-second:
-    redis: {second}
-    streams:
-        stream-c:
-          - read-group-c
-"""
+CONFIG = SEED_YAML_TEMPLATE
 
 
 def cli_env(**extra: str) -> dict[str, str]:

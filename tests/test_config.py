@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 import streambroker as sb
 from streambroker.config import check_name
 
+from .conftest import seed_code
+
 SEED_GROUPS = {
     "read-group-a": ("stream-a",),
     "read-group-ab": ("stream-a", "stream-b"),
@@ -51,15 +53,7 @@ BAD_NAMES = [
 ]
 
 
-def seed_registry() -> sb.Registry:
-    """The seed's code example, with stream-c in pool second."""
-    registry = sb.Registry()
-    registry.register_redis("localhost:6379", db=0)
-    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
-    registry.register_stream("stream-b", "default", ["read-group-ab"])
-    registry.register_redis("192.168.1.20:6379", db=3, pool="second")
-    registry.register_stream("stream-c", "second", ["read-group-c"])
-    return registry
+seed_registry = seed_code
 
 
 def problems(registry: sb.Registry) -> tuple[str, ...]:

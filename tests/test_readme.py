@@ -9,7 +9,7 @@ import pytest
 
 import streambroker as sb
 
-from .conftest import Server
+from .conftest import Server, seed_code
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -38,10 +38,4 @@ def test_the_asyncio_example_runs(server: Server, capsys: pytest.CaptureFixture[
 
 def test_the_yaml_example_is_the_python_example() -> None:
     yaml_config = sb.Registry.from_yaml(_blocks("yaml")[0]).validate()
-    registry = sb.Registry()
-    registry.register_redis("localhost:6379", db=0)
-    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
-    registry.register_stream("stream-b", "default", ["read-group-ab"])
-    registry.register_redis("192.168.1.20:6379", db=3, pool="second")
-    registry.register_stream("stream-c", "second", ["read-group-c"])
-    assert yaml_config == registry.validate()
+    assert yaml_config == seed_code().validate()

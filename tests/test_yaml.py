@@ -11,22 +11,7 @@ from hypothesis import strategies as st
 
 import streambroker as sb
 
-# The seed document's YAML, verbatim.
-SEED_YAML = """\
-default:
-    redis: localhost:6379:0
-    streams:
-        stream-a:
-          - read-group-a
-          - read-group-ab
-        stream-b:
-          - read-group-ab
-second:
-    redis: 192.168.1.20:6379:3
-    streams:
-        stream-c:
-          - read-group-c
-"""
+from .conftest import SEED_YAML, seed_code
 
 NAME_CHARS = st.characters(
     blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="*?[]"
@@ -35,13 +20,7 @@ VALID_NAMES = st.text(NAME_CHARS, min_size=1, max_size=128)
 
 
 def seed_in_code() -> sb.ValidatedRegistry:
-    registry = sb.Registry()
-    registry.register_redis("localhost:6379", db=0)
-    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
-    registry.register_stream("stream-b", "default", ["read-group-ab"])
-    registry.register_redis("192.168.1.20:6379", db=3, pool="second")
-    registry.register_stream("stream-c", "second", ["read-group-c"])
-    return registry.validate()
+    return seed_code().validate()
 
 
 def load_error(source: str | Path) -> tuple[str, ...]:

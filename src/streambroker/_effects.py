@@ -40,7 +40,7 @@ Command = tuple[Arg, ...]
 Op = Generator["Effect", Any, T]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Send ``commands`` to ``pool`` in one round trip; the result is the list of replies.
 
@@ -53,14 +53,14 @@ class Send:
     allow_errors: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Parallel:
     """Perform several :class:`Send` (to different pools) at once; the result lists theirs."""
 
     sends: Sequence[Send]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handle:
     """Call the user's handler with ``events``; the result is what it returned.
 
@@ -73,7 +73,7 @@ class Handle:
     interval: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sleep:
     """Wait ``seconds``, or less if the consumer is stopped meanwhile."""
 
@@ -83,7 +83,7 @@ class Sleep:
 Effect = Send | Parallel | Handle | Sleep
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplyError:
     """An error reply from the server, returned in place when ``allow_errors`` is set."""
 
