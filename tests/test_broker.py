@@ -304,6 +304,7 @@ def test_blocking_read_across_two_pools_delivers_from_either(
         broker.publish("orders", "o1")
         wait_for(lambda: recorder.bodies() == ["r1", "o1"], what="the order")
         consumer.stop()
+        thread.join(timeout=30)  # before the broker closes
 
 
 @pytest.mark.parametrize("count", [0, -1, "5", 2.5, True, None])
