@@ -9,17 +9,9 @@ import pytest
 import streambroker as sb
 
 from .conftest import Server, wait_for
+from .test_gc import fail_after_acking
 
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
-
-
-def crash_after_acking(count: int) -> sb.Handler:
-    def handler(events: list[sb.Event]) -> None:
-        for event in events[:count]:
-            event.ack()
-        raise RuntimeError("crash")
-
-    return handler
 
 
 def test_figures_of_a_known_scenario(broker: sb.Broker, server: Server) -> None:
@@ -28,7 +20,7 @@ def test_figures_of_a_known_scenario(broker: sb.Broker, server: Server) -> None:
     # c1 handled everything; publish more, c2 takes three and crashes after acking one.
     more = [broker.publish("stream-a", n) for n in range(10, 16)]
     with pytest.raises(RuntimeError):
-        broker.consumer("read-group-a", "c2").consume(crash_after_acking(1), count=3, block=False)
+        broker.consumer("read-group-a", "c2").consume(fail_after_acking(1), count=3, block=False)
     server.client().xgroup_create("stream-a", "orphan", id="0")
 
     stats = broker.stream_stats("stream-a")
