@@ -27,14 +27,13 @@ import redis.asyncio
 import streambroker as sb
 
 from .common import (
-    BODY_FIELD,
     GROUP,
     STREAM,
     WARM_STREAM,
     Filler,
     Stopwatch,
     check,
-    decode_body,
+    handle_raw,
     make_body,
     raw_fields,
     registry,
@@ -193,12 +192,8 @@ def bench_async_consume(
                     if not reply:
                         break
                     for _key, entries in reply:
-                        ids = []
-                        bodies = []
-                        for event_id, fields in entries:
-                            bodies.append(decode_body(fields[BODY_FIELD]))
-                            ids.append(event_id)
-                        handled += len(bodies)
+                        ids = handle_raw(entries)
+                        handled += len(ids)
                         await client.xack(STREAM, GROUP, *ids)
         finally:
             await client.aclose()

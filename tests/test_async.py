@@ -78,7 +78,8 @@ def test_cancelling_a_consumer_is_a_graceful_stop(
             for _ in range(5):
                 idle = broker.consumer("read-group-c", "waiting", **FAST)
                 task = asyncio.create_task(idle.consume(stuck))
-                await asyncio.sleep(0.05)
+                while not server.client(3).exists("sb:lease:read-group-c:waiting"):
+                    await asyncio.sleep(0.01)  # until the consumer runs
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task

@@ -6,7 +6,6 @@ pools already have their consumer groups; the sync and async faces both drive it
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +17,6 @@ from .errors import InvalidArgumentError, ServerReplyError, UnknownGroupError, U
 from .keys import replay_key
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
-
-log = logging.getLogger("streambroker")
 
 DEFAULT_MAX_BODY_SIZE = 1 << 20
 
