@@ -116,14 +116,11 @@ class _Source:
 
 @dataclass
 class _Outgoing:
-    """Commands waiting for the next round trip to a pool, with what their replies mean."""
+    """Acknowledgements and dead letters waiting for the next round trip to a pool."""
 
     acks: dict[str, list[str]] = field(default_factory=dict)
     checked_acks: dict[str, list[str]] = field(default_factory=dict)
     dead: list[tuple[str, Command]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.acks or self.checked_acks or self.dead)
 
 
 def _id_key(event: Event) -> tuple[int, int]:
@@ -609,15 +606,16 @@ class ConsumerCore:
         self._renew_at = time.monotonic() + self.options.lease / 3
 
     def _flush(self) -> Op[None]:
-        sends = []
+        plans = {pool: plan for pool in self._by_pool if (plan := self._outgoing_commands(pool))}
+        if not plans:
+            return
+        sends = [Send(pool, [command for _, _, command in plan]) for pool, plan in plans.items()]
+        results = yield Parallel(sends)
         for pool in self._by_pool:
-            plan = self._outgoing_commands(pool)
-            if plan:
-                sends.append(Send(pool, [command for _, _, command in plan]))
-        if sends:
-            yield Parallel(sends)
-            for pool in self._by_pool:
-                self._outgoing[pool] = _Outgoing()
+            self._outgoing[pool] = _Outgoing()
+        for plan, replies in zip(plans.values(), results, strict=True):
+            for (kind, key, _), reply in zip(plan, replies, strict=True):
+                self._reply(kind, key, reply, 0, 0.0, [])  # logs what was taken over
 
 
 def _lease_alive(core: BrokerCore, group: str, names: list[str]) -> Op[dict[str, bool]]:
