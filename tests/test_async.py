@@ -11,6 +11,8 @@ import streambroker as sb
 from .conftest import Server
 
 FAST: sb.ConsumerSettings = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2}
+#: Heartbeats every 0.33 s keep events that retry_after would give away after 1.5 s.
+PATIENT: sb.ConsumerSettings = {**FAST, "retry_after": 1.5}
 
 
 def ours(server: Server) -> int:
@@ -128,14 +130,14 @@ def test_a_slow_coroutine_handler_keeps_its_events(
 
             async def slow(events: list[sb.Event]) -> None:
                 counts.extend(e.delivery_count for e in events)
-                await asyncio.sleep(2.0)  # four times retry_after
+                await asyncio.sleep(4.5)  # three times retry_after
 
             async def other(events: list[sb.Event]) -> None:
                 others.extend(e.id for e in events)
 
-            helper = broker.consumer("read-group-a", "other", **FAST)
+            helper = broker.consumer("read-group-a", "other", **PATIENT)
             helper_task = asyncio.create_task(helper.consume(other))
-            handled = await broker.consumer("read-group-a", "slow", **FAST).consume(
+            handled = await broker.consumer("read-group-a", "slow", **PATIENT).consume(
                 slow, block=False
             )
             await helper.stop()

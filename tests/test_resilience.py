@@ -342,15 +342,17 @@ def test_a_slow_handler_keeps_its_events(
         seen.extend(e.delivery_count for e in events)
         release.wait(30)
 
-    slow_consumer = broker.consumer("read-group-a", "slow", **FAST)
+    # Heartbeats every 0.33 s keep events that retry_after (1.5 s) would give away.
+    patient = {**FAST, "retry_after": 1.5}
+    slow_consumer = broker.consumer("read-group-a", "slow", **patient)
     running.start(slow_consumer, slow)
     wait_for(lambda: seen, what="the slow handler to start")
     other = Collector()
-    running.start(broker.consumer("read-group-a", "other", **FAST), other)
+    running.start(broker.consumer("read-group-a", "other", **patient), other)
     # Several retry_after periods pass while the handler runs: the other consumer's
-    # reclaims (every 0.25 s) find nothing idle.
-    deadline = time.monotonic() + 2.5
-    wait_for(lambda: time.monotonic() > deadline, timeout=5, what="several retry periods")
+    # reclaims (every 0.75 s) find nothing idle.
+    deadline = time.monotonic() + 4.5
+    wait_for(lambda: time.monotonic() > deadline, timeout=10, what="several retry periods")
     assert other.ids == []
     rows = server.client().xpending_range("stream-a", "read-group-a", "-", "+", 10)
     assert [(r["message_id"].decode(), r["consumer"], r["times_delivered"]) for r in rows] == [
