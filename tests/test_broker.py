@@ -103,6 +103,56 @@ def test_batch_rejects_a_bad_event_at_once(broker: sb.Broker, server: Server) ->
     assert server.client().xlen("stream-a") == 1
 
 
+def _last_id(server: Server, stream: str, db: int = 0) -> str:
+    ((entry_id, _),) = server.client(db).xrevrange(stream, count=1)
+    return str(entry_id.decode())
+
+
+def test_an_error_reply_in_a_batch_names_the_command_and_the_rest_stays_in_step(
+    broker: sb.Broker, server: Server
+) -> None:
+    broker.publish("stream-a", 0)  # the pool's groups exist from here on
+    admin = server.client()
+    admin.delete("stream-b")
+    admin.set("stream-b", "not a stream")
+    batch = broker.batch()
+    batch.publish("stream-a", 1)
+    batch.publish("stream-b", 2)
+    batch.publish("stream-a", 3)
+    with pytest.raises(sb.ServerReplyError, match=r"'default': XADD stream-b: WRONGTYPE"):
+        batch.flush()
+    # Not a transaction: the events around the refused one were published.
+    assert admin.xlen("stream-a") == 3
+    # Every reply of that round trip was read: the next ones answer the next commands.
+    assert broker.publish("stream-a", 4) == _last_id(server, "stream-a")
+    with broker.batch() as batch:
+        batch.publish("stream-a", 5)
+        batch.publish("stream-c", 6)
+    assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
+
+
+def test_an_error_reply_to_publish_names_the_stream(broker: sb.Broker, server: Server) -> None:
+    broker.publish("stream-a", 0)
+    admin = server.client()
+    admin.delete("stream-b")
+    admin.set("stream-b", "not a stream")
+    with pytest.raises(sb.ServerReplyError, match=r"'default': XADD stream-b: WRONGTYPE"):
+        broker.publish("stream-b", 1)
+    assert broker.publish("stream-a", 2) == _last_id(server, "stream-a")
+
+
+def test_connections_killed_between_calls_are_replaced(broker: sb.Broker, server: Server) -> None:
+    broker.publish("stream-a", 0)
+    with broker.batch() as batch:
+        batch.publish("stream-c", 0)
+    server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert broker.publish("stream-a", 1) == _last_id(server, "stream-a")
+    with broker.batch() as batch:
+        batch.publish("stream-a", 2)
+        batch.publish("stream-c", 3)
+    assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
+
+
 def test_count_bounds_each_call_across_streams_and_keeps_order(broker: sb.Broker) -> None:
     a = [broker.publish("stream-a", f"a{n}") for n in range(7)]
     b = [broker.publish("stream-b", f"b{n}") for n in range(5)]

@@ -8,6 +8,7 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 import redis.asyncio
+import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
@@ -103,11 +104,22 @@ class AsyncDriver:
 
     async def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            client = await self.client(send.pool)
-            if fx.is_single(send):
-                return [await client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
-            pipeline = fx.fill(client.pipeline(transaction=False), send)
-            return fx.replies_of(await pipeline.execute(raise_on_error=not send.allow_errors))
+            pool = (await self.client(send.pool)).connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.send_packed_command(fx.pack(send.commands))
+                replies: list[Any] = []
+                for _ in send.commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except rex.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+            return fx.settle(send, replies)
 
     async def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         if len(parallel.sends) <= 1:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import hiredis
 import redis.exceptions as rex
 
 from .errors import (
@@ -148,22 +149,38 @@ class translated:  # noqa: N801 - used as a function: ``with translated(pool):``
             raise translate_error(exc, self.pool) from exc
 
 
-def is_single(send: Send) -> bool:
-    """Whether ``send`` goes as one plain command; the others go as a pipeline, which
-    also returns error replies in place."""
-    return len(send.commands) == 1 and not send.allow_errors
+def pack(commands: Sequence[Command]) -> list[bytes]:
+    """``commands`` in the wire protocol, as one buffer: a round trip is one write.
+
+    The list is the form redis-py connections' ``send_packed_command`` takes.
+    """
+    # hiredis's stub declares a 1-tuple where any tuple of arguments is meant.
+    return [b"".join([hiredis.pack_command(command) for command in commands])]  # type: ignore[arg-type]
 
 
-def fill(pipeline: Any, send: Send) -> Any:
-    """Queue the commands of ``send`` on a redis-py (sync or asyncio) pipeline."""
-    for command in send.commands:
-        pipeline.execute_command(*command)
-    return pipeline
+def settle(send: Send, replies: list[Any]) -> list[Any]:
+    """The replies to ``send``, read in order with error replies in place (redis-py's
+    ``ResponseError``): those become :class:`ReplyError` with ``allow_errors``; without,
+    the first one is raised (after every reply was read, so the connection stays usable).
+    """
+    for index, reply in enumerate(replies):
+        if isinstance(reply, rex.ResponseError):
+            if not send.allow_errors:
+                raise rex.ResponseError(f"{describe(send.commands[index])}: {reply}")
+            replies[index] = ReplyError(str(reply))
+    return replies
 
 
-def replies_of(replies: list[Any]) -> list[Any]:
-    """A pipeline's replies, error replies turned into :class:`ReplyError`."""
-    return [ReplyError(str(r)) if isinstance(r, rex.ResponseError) else r for r in replies]
+def describe(command: Command) -> str:
+    """A command as an error message names it: its name and what it acts on."""
+    words = [_text(word) for word in command[:4]]
+    if words[0].upper() in ("EVAL", "EVALSHA"):
+        return f"script on {words[3]}" if len(words) > 3 else "script"
+    return " ".join(words[:2])
+
+
+def _text(word: Arg) -> str:
+    return word.decode(errors="replace") if isinstance(word, bytes) else str(word)
 
 
 def single(pool: str, *command: Arg) -> Send:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import redis
+import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
@@ -136,11 +137,22 @@ class SyncDriver:
 
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            client = self.client(send.pool)
-            if fx.is_single(send):
-                return [client.execute_command(*send.commands[0])]  # type: ignore[no-untyped-call]
-            pipeline = fx.fill(client.pipeline(transaction=False), send)
-            return fx.replies_of(pipeline.execute(raise_on_error=not send.allow_errors))
+            pool = self.client(send.pool).connection_pool
+            connection = pool.get_connection()
+            try:
+                connection.send_packed_command(fx.pack(send.commands))  # type: ignore[no-untyped-call]
+                replies: list[Any] = []
+                for _ in send.commands:
+                    try:
+                        replies.append(connection.read_response())
+                    except rex.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                connection.disconnect()  # type: ignore[no-untyped-call]
+                raise
+            finally:
+                pool.release(connection)
+            return fx.settle(send, replies)
 
     def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         sends = parallel.sends
