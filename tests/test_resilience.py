@@ -331,6 +331,40 @@ def test_remove_consumer_refuses_to_drop_pending_events(broker: sb.Broker) -> No
     assert broker.remove_consumer("read-group-a", "gone", to="heir") == 1
 
 
+def test_a_stopped_consumer_leaves_its_group_but_not_its_pending_events(
+    broker: sb.Broker, running: Running
+) -> None:
+    def names(stream: str) -> list[str]:
+        return sorted(c.name for c in broker.group_stats(stream, "read-group-ab").consumers)
+
+    def crash_on_a(events: list[sb.Event]) -> None:
+        for event in events:
+            if event.stream == "stream-b":
+                event.ack()
+        raise RuntimeError("crash")
+
+    broker.publish("stream-a", 1)
+    broker.publish("stream-b", 2)
+    holder = broker.consumer("read-group-ab", "holder", **FAST)
+    with pytest.raises(RuntimeError):
+        holder.consume(crash_on_a, block=False)
+    # Slow to reclaim, so that the holder keeps its event through the test.
+    live = broker.consumer("read-group-ab", "live", **{**FAST, "retry_after": 60})
+    running.start(live, lambda events: None)
+    wait_for(lambda: "live" in names("stream-b"), what="the live consumer's first read")
+    with pytest.raises(sb.ConsumerBusyError, match="'live' of group 'read-group-ab' is running"):
+        broker.consumer("read-group-ab", "live").leave()
+
+    # It holds stream-a's event, so it stays there; from stream-b it is gone.
+    assert holder.leave() == ["stream-a"]
+    assert names("stream-a") == ["holder", "live"]
+    assert names("stream-b") == ["live"]
+    assert broker.group_stats("stream-a", "read-group-ab").pending == 1
+    running.stop(live)
+    assert live.leave() == []
+    assert (names("stream-a"), names("stream-b")) == (["holder"], [])
+
+
 def test_a_slow_handler_keeps_its_events(
     broker: sb.Broker, server: Server, running: Running
 ) -> None:

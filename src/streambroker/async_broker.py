@@ -171,3 +171,7 @@ class AsyncConsumer(ConsumerFace):
         return await self._driver.run(
             consuming.claim(self._core.core, self.group, from_name, to_name, force)
         )
+
+    async def leave(self) -> list[str]:
+        """Delete this stopped consumer from its group (as :meth:`Consumer.leave`)."""
+        return await self._driver.run(consuming.leave(self._core.core, self.group, self.name))

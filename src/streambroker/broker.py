@@ -197,6 +197,17 @@ class Consumer(ConsumerFace):
             consuming.claim(self._core.core, self.group, from_name, to_name, force)
         )
 
+    def leave(self) -> list[str]:
+        """Delete this stopped consumer from its group, where it holds nothing pending.
+
+        As a consumer leaving its group when it shuts down (a worker's consumers do so
+        when they stop): it no longer shows in the group's consumers. Returns the
+        streams where it stays because it still holds pending events there; a live
+        consumer of the group takes those over once idle for ``retry_after``. Refuses
+        (:class:`ConsumerBusyError`) while a consumer of this name runs.
+        """
+        return self._driver.run(consuming.leave(self._core.core, self.group, self.name))
+
 
 class _StopOnSignals:
     """Within the block, SIGTERM and SIGINT call ``stop`` instead of killing the process."""

@@ -635,10 +635,8 @@ def claim(core: BrokerCore, group: str, source: str, target: str, force: bool = 
             raise InvalidArgumentError(f"consumer group {group}: {problem}")
     streams = core.group_streams(group)
     yield from core.ensure_groups(spec.pool for spec in streams)
-    if not force and (yield from _lease_alive(core, group, [source]))[source]:
-        raise ConsumerBusyError(
-            group, source, f"consumer {source!r} of group {group!r} is running: stop it first"
-        )
+    if not force:
+        yield from _refuse_running(core, group, source)
     moved = 0
     for spec in streams:
         for key in (spec.name, replay_key(spec.name, group)):
@@ -657,6 +655,25 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+def _refuse_running(core: BrokerCore, group: str, name: str) -> Op[None]:
+    if (yield from _lease_alive(core, group, [name]))[name]:
+        raise ConsumerBusyError(
+            group, name, f"consumer {name!r} of group {group!r} is running: stop it first"
+        )
+
+
+def leave(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
+    """Delete the stopped consumer ``name`` from ``group`` wherever it holds nothing pending.
+
+    Returns the streams where it stays because it holds pending events there (a live
+    consumer reclaims them once they are idle for ``retry_after``).
+    """
+    streams = core.group_streams(group)
+    yield from core.ensure_groups(spec.pool for spec in streams)
+    yield from _refuse_running(core, group, name)
+    return (yield from _delete_consumer(core, group, name))
+
+
 def remove_consumer(core: BrokerCore, group: str, name: str, to: str | None) -> Op[int]:
     """Move ``name``'s pending events to ``to`` (or a live consumer), then delete it.
 
@@ -665,24 +682,30 @@ def remove_consumer(core: BrokerCore, group: str, name: str, to: str | None) -> 
     """
     streams = core.group_streams(group)
     yield from core.ensure_groups(spec.pool for spec in streams)
-    if (yield from _lease_alive(core, group, [name]))[name]:
-        raise ConsumerBusyError(
-            group, name, f"consumer {name!r} of group {group!r} is running: stop it first"
-        )
+    yield from _refuse_running(core, group, name)
     if to is None:
         to = yield from _live_consumer(core, group, exclude=name)
     moved = 0
     if to is not None:
         moved = yield from claim(core, group, name, to, force=True)
-    for spec in streams:
+    kept = yield from _delete_consumer(core, group, name)
+    if kept:
+        raise BrokerError(
+            f"consumer {name!r} of group {group!r} still holds pending events of "
+            f"{kept[0]!r} and no live consumer can take them: pass to=<consumer>"
+        )
+    return moved
+
+
+def _delete_consumer(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
+    """``XGROUP DELCONSUMER`` where ``name`` holds nothing pending; the streams where it stays."""
+    kept: list[str] = []
+    for spec in core.group_streams(group):
         for key in (spec.name, replay_key(spec.name, group)):
             (result,) = yield single(spec.pool, "EVAL", _DELCONSUMER, 1, key, group, name)
-            if result == -1:
-                raise BrokerError(
-                    f"consumer {name!r} of group {group!r} still holds pending events of "
-                    f"{spec.name!r} and no live consumer can take them: pass to=<consumer>"
-                )
-    return moved
+            if result == -1 and spec.name not in kept:
+                kept.append(spec.name)
+    return kept
 
 
 def _live_consumer(core: BrokerCore, group: str, exclude: str) -> Op[str | None]:

@@ -8,7 +8,9 @@ in a thread of its own, named ``<prefix>-<i>`` (the prefix defaults to
 A consumer whose ``consume()`` raises (its handler raised, or a pool failed for
 good) is logged and started again after a back-off; the events its handler did not
 acknowledge stay pending, and come back when it starts again. :meth:`Worker.run`
-stops every consumer on SIGTERM or SIGINT and waits for the batches in hand.
+stops every consumer on SIGTERM or SIGINT and waits for the batches in hand; each
+stopped consumer then leaves its group (:meth:`Consumer.leave`), so the names of
+past processes do not pile up in the group.
 
 A :class:`Worker` runs the plain-function handlers of a :class:`~streambroker.Broker`
 in threads; an :class:`AsyncWorker` runs the handlers of an
@@ -400,6 +402,11 @@ class Worker:
                 slot.consumer.consume(handler, slot.plan.handler.count, handle_signals=False)
             except Exception as exc:
                 self._stopping.wait(_failed(slot, exc))
+        try:
+            left: list[str] | BrokerError = slot.consumer.leave()
+        except BrokerError as exc:
+            left = exc
+        _report_leaving(slot, left)
 
 
 def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], started: float) -> None:
@@ -443,6 +450,23 @@ def _failed(slot: _Slot[Any], exc: Exception) -> float:
             exc_info=None if isinstance(exc, BrokerError) else exc,
         )
     return delay
+
+
+def _report_leaving(slot: _Slot[Any], left: list[str] | BrokerError) -> None:
+    """Log how the stopped consumer of ``slot`` left its group (:meth:`Consumer.leave`)."""
+    name, group = slot.plan.name, slot.plan.group
+    if isinstance(left, BrokerError):
+        log.warning("consumer %s of group %s could not leave the group: %s", name, group, left)
+    elif left:
+        log.info(
+            "consumer %s of group %s stays in the group: it holds pending events of %s, "
+            "which a live consumer takes over after retry_after",
+            name,
+            group,
+            ", ".join(left),
+        )
+    else:
+        log.debug("consumer %s left group %s", name, group)
 
 
 class AsyncWorker:
@@ -531,3 +555,8 @@ class AsyncWorker:
             except Exception as exc:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), _failed(slot, exc))
+        try:
+            left: list[str] | BrokerError = await slot.consumer.leave()
+        except BrokerError as exc:
+            left = exc
+        _report_leaving(slot, left)
