@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -469,6 +470,53 @@ def test_block_timeout_must_stay_below_the_socket_timeout(
         pytest.raises(sb.InvalidArgumentError, match="block_timeout"),
     ):
         broker.consumer("read-group-a", block_timeout=2.0)
+
+
+@pytest.mark.parametrize("value", [-1, "60", True, None])
+def test_forget_after_must_be_seconds_or_zero(broker: sb.Broker, value: object) -> None:
+    with pytest.raises(
+        sb.InvalidArgumentError,
+        match=r"consumer c of group read-group-a: forget_after must be a number of seconds >= 0 "
+        rf"\(0: never\), got {re.escape(repr(value))}",
+    ):
+        broker.consumer("read-group-a", "c", forget_after=value)  # type: ignore[arg-type]
+
+
+def test_consumers_idle_with_nothing_pending_are_forgotten(
+    broker: sb.Broker, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambroker")
+
+    def consumers() -> dict[str, tuple[int, float]]:
+        stats = broker.group_stats("stream-a", "read-group-a")
+        return {c.name: (c.pending, c.idle) for c in stats.consumers}
+
+    def crash(events: list[sb.Event]) -> None:
+        raise RuntimeError("crash")
+
+    broker.publish("stream-a", 1)
+    broker.consumer("read-group-a", "done").consume(lambda events: None, block=False)
+    broker.publish("stream-a", 2)
+    with pytest.raises(RuntimeError):
+        broker.consumer("read-group-a", "crashed").consume(crash, block=False)
+    wait_for(lambda: consumers()["done"][1] >= 0.05, what="the consumer to be idle")
+
+    # A one-shot consume reclaims (nothing: retry_after is 30 s) after its first read.
+    broker.consumer("read-group-a", "keeper", forget_after=0).consume(lambda e: None, block=False)
+    assert sorted(consumers()) == ["crashed", "done", "keeper"]  # 0: never
+    broker.consumer("read-group-a", "keeper", forget_after=0.05).consume(
+        lambda e: None, block=False
+    )
+    # "crashed" holds its event, so it stays (until a reclaim took the event over).
+    assert {name: pending for name, (pending, _) in consumers().items()} == {
+        "crashed": 1,
+        "keeper": 0,
+    }
+    assert any(
+        "forgot consumers idle for 0.05 s or more with nothing pending, from stream stream-a: done"
+        in record.getMessage()
+        for record in caplog.records
+    )
 
 
 def test_dropped_connections_are_survived(

@@ -35,6 +35,9 @@ class ConsumerSettings(TypedDict, total=False):
       dead letter (default 5).
     - ``retry_delay``: back-off before a failed event is delivered again; doubles
       with each delivery, jittered, up to ``retry_after`` (seconds, default 1).
+    - ``forget_after``: other consumers of the group idle this long and holding
+      nothing pending (stopped or crashed long ago) are deleted from the group, so
+      their names stop showing in its statistics (seconds, default 3600; 0: never).
     """
 
     block_timeout: float
@@ -43,6 +46,7 @@ class ConsumerSettings(TypedDict, total=False):
     lease: float
     max_deliveries: int
     retry_delay: float
+    forget_after: float
 
 
 class BrokerFace(Generic[DriverT]):

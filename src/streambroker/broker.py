@@ -65,7 +65,8 @@ class Broker(BrokerFace[SyncDriver]):
         """A consumer named ``name`` of the registered consumer group ``group``.
 
         Options: ``block_timeout``, ``collect``, ``retry_after``, ``lease``,
-        ``max_deliveries``, ``retry_delay`` (see :class:`ConsumerSettings`).
+        ``max_deliveries``, ``retry_delay``, ``forget_after`` (see
+        :class:`ConsumerSettings`).
         """
         return Consumer(self, self._consumer_core(group, name, options))
 

@@ -75,6 +75,8 @@ class ConsumerOptions:
     - ``max_deliveries``: deliveries after which a failing event becomes a dead letter.
     - ``retry_delay``: back-off before the first retry of a failed event; it doubles
       with each delivery (jittered), up to ``retry_after``.
+    - ``forget_after``: other consumers of the group idle this long and holding
+      nothing pending (stopped or crashed long ago) are deleted from it; 0: never.
     """
 
     block_timeout: float = 1.0
@@ -83,6 +85,7 @@ class ConsumerOptions:
     lease: float = 30.0
     max_deliveries: int = 5
     retry_delay: float = 1.0
+    forget_after: float = 3600.0
 
     def check(self, group: str, name: str, socket_timeout: float) -> None:
         """Raise :class:`InvalidArgumentError` naming the consumer for a bad option."""
@@ -99,6 +102,9 @@ class ConsumerOptions:
                 f"block_timeout ({self.block_timeout} s) must be shorter than the broker's "
                 f"socket_timeout ({socket_timeout} s)"
             )
+        forget = self.forget_after
+        if isinstance(forget, bool) or not isinstance(forget, int | float) or forget < 0:
+            fail(f"forget_after must be a number of seconds >= 0 (0: never), got {forget!r}")
         deliveries = self.max_deliveries
         if isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1:
             fail(f"max_deliveries must be an integer >= 1, got {deliveries!r}")
@@ -381,7 +387,10 @@ class ConsumerCore:
                 if reclaim:
                     idle_ms = int(self.options.retry_after * 1000)
                     cursor = self._reclaim_cursor[key]
-                    command = reclaim_command(key, self.group, self.name, idle_ms, cursor, count)
+                    forget_ms = int(self.options.forget_after * 1000)
+                    command = reclaim_command(
+                        key, self.group, self.name, idle_ms, cursor, count, forget_ms
+                    )
                     plan.append(("reclaim", key, command))
                 if key in self._own:
                     command = own_pending_command(key, self.group, self.name, self._own[key], count)
@@ -431,7 +440,7 @@ class ConsumerCore:
                         Event(source.stream, raw_id.decode(), fields, source.key, 1, read_at)
                     )
         elif kind in ("own", "retry", "reclaim"):
-            entries, counts, gone, cursor = reply
+            entries, counts, gone, cursor, *forgotten = reply
             source = self._sources[key]
             for (raw_id, fields), delivered in zip(entries, counts, strict=True):
                 event = Event(source.stream, raw_id.decode(), fields, key, int(delivered), read_at)
@@ -464,6 +473,16 @@ class ConsumerCore:
                     )
                 if len(entries) >= count:
                     self._reclaim_at = 0.0  # more may be waiting
+                if forgotten and forgotten[0]:
+                    log.info(
+                        "consumer %s of group %s forgot consumers idle for %g s or more with "
+                        "nothing pending, from stream %s: %s",
+                        self.name,
+                        self.group,
+                        self.options.forget_after,
+                        source.stream,
+                        ", ".join(name.decode() for name in forgotten[0]),
+                    )
         elif kind in ("checked", "dead") and reply:
             lost = reply if kind == "checked" else ([] if reply == 1 else ["?"])
             if lost:

@@ -6,7 +6,8 @@ together with the server's delivery counter (each of them counts as a delivery:
 nothing is claimed with ``JUSTID`` except heartbeats), and report entries deleted
 from under a pending event (those are acknowledged, not retried forever).
 
-Replies of the three delivering scripts: ``{entries, counts, gone, cursor}``.
+Replies of the three delivering scripts: ``{entries, counts, gone, cursor}`` (the
+reclaiming one adds the names of the consumers it forgot).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ return {entries, ncounts, gone, cursor}
 )
 
 # Events of any consumer of the group idle for ARGV[3] ms or more, from cursor ARGV[4].
+# Once a scan is complete, other consumers idle for ARGV[6] ms (if > 0) holding
+# nothing pending are deleted from the group; their names are the fifth item.
 _RECLAIM = """
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 local entries, counts = {}, {}
@@ -71,7 +74,19 @@ for _, e in ipairs(r[2]) do
     table.insert(counts, p[1] and p[1][4] or 1)
   end
 end
-return {entries, counts, r[3] or {}, r[1]}
+local forgotten = {}
+local forget = tonumber(ARGV[6])
+if forget > 0 and r[1] == '0-0' then
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local info = {}
+    for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+    if info['name'] ~= ARGV[2] and info['pending'] == 0 and info['idle'] >= forget then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+      table.insert(forgotten, info['name'])
+    end
+  end
+end
+return {entries, counts, r[3] or {}, r[1], forgotten}
 """
 
 # The given pending events, again, if they are still this consumer's (retries).
@@ -131,11 +146,13 @@ def own_pending_command(key: str, group: str, consumer: str, cursor: str, count:
 
 
 def reclaim_command(
-    key: str, group: str, consumer: str, min_idle_ms: int, cursor: str, count: int
+    key: str, group: str, consumer: str, min_idle_ms: int, cursor: str, count: int, forget_ms: int
 ) -> Command:
-    """Take over events idle for ``min_idle_ms`` from any consumer of the group."""
+    """Take over events idle for ``min_idle_ms`` from any consumer of the group; at the
+    end of a scan, forget the other consumers idle for ``forget_ms`` (0: never) that
+    hold nothing pending."""
     batch = min(count, MAX_SCRIPT_BATCH)
-    return ("EVAL", _RECLAIM, 1, key, group, consumer, min_idle_ms, cursor, batch)
+    return ("EVAL", _RECLAIM, 1, key, group, consumer, min_idle_ms, cursor, batch, forget_ms)
 
 
 def retry_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
