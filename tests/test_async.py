@@ -149,3 +149,41 @@ def test_a_slow_coroutine_handler_keeps_its_events(
         assert server.client().xpending("stream-a", "read-group-a")["pending"] == 0
 
     asyncio.run(main())
+
+
+def test_cancelled_round_trips_leave_the_next_ones_in_step(
+    config: sb.ValidatedRegistry, server: Server
+) -> None:
+    client = server.client()
+
+    def last_id() -> str:
+        ((entry_id, _),) = client.xrevrange("stream-a", count=1)
+        return str(entry_id.decode())
+
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            await broker.publish("stream-a", "ready")
+            # Cancelled after 0, 1, 2, ... turns of the loop: before sending, while
+            # writing, while waiting for the replies, or after them.
+            for turns in range(12):
+                for publish in (
+                    broker.publish("stream-a", turns),
+                    _batch_of_three(broker, turns),
+                ):
+                    task = asyncio.ensure_future(publish)
+                    for _ in range(turns):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    assert await broker.publish("stream-a", "check") == last_id()
+                    async with broker.batch() as batch:
+                        batch.publish("stream-a", "check")
+                    assert batch.ids == [last_id()]
+
+    asyncio.run(main())
+
+
+async def _batch_of_three(broker: sb.AsyncBroker, n: int) -> None:
+    async with broker.batch() as batch:
+        for _ in range(3):
+            batch.publish("stream-a", n)
