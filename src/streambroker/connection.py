@@ -1,11 +1,11 @@
 """Making redis-py clients for pools.
 
-Clients speak RESP2 and return raw replies (no redis-py reply callbacks), so the
-I/O-free core parses every reply itself, the same way for the sync and async faces.
-They do not retry failed commands (a re-sent XADD could publish twice): the caller
-sees the failure, and consumers retry with back-off and a log line themselves.
-A client holds a connection pool of its own: each thread or task takes a connection
-as it needs one.
+The I/O layers use a client for its connection pool (each thread or task takes a
+connection as it needs one): they write each round trip's commands, packed at once,
+and read the raw RESP2 replies, which the I/O-free core parses itself, the same way
+for the sync and async faces. Nothing is retried behind the caller's back (a re-sent
+XADD could publish twice): the caller sees the failure, and consumers retry with
+back-off and a log line themselves.
 """
 
 from __future__ import annotations
@@ -57,11 +57,8 @@ ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
     if spec.kind == "url":
         assert spec.url is not None
-        client = cls.from_url(spec.url, **kwargs)
-    else:
-        client = cls(**kwargs)
-    client.response_callbacks.clear()
-    return client
+        return cls.from_url(spec.url, **kwargs)
+    return cls(**kwargs)
 
 
 def sync_client(spec: PoolSpec, options: ConnectionOptions) -> redis.Redis:
