@@ -154,7 +154,8 @@ CONSUMERS = ("c1", "c2")
 def test_no_event_is_removed_before_every_group_acked_it(
     open_broker: OpenBroker, server: Server
 ) -> None:
-    """Random interleavings of publish, read, ack, fail, claim, dead-letter and collect."""
+    """Random interleavings of publish, read, ack, fail, claim, dead-letter, leave, forget
+    and collect."""
     registry = sb.Registry()
     registry.register_redis(f"{server.address}:5")
     for stream, groups in STREAM_GROUPS.items():
@@ -211,9 +212,13 @@ def test_no_event_is_removed_before_every_group_acked_it(
             count=st.integers(1, 5),
             acks=st.integers(0, 5),
             fails=st.booleans(),
+            forget_after=st.sampled_from([0, 0.001]),
         )
-        def consume(self, group: str, consumer: str, count: int, acks: int, fails: bool) -> None:
-            """Our consumer: the handler acks some events and then fails, or returns."""
+        def consume(
+            self, group: str, consumer: str, count: int, acks: int, fails: bool, forget_after: float
+        ) -> None:
+            """Our consumer: the handler acks some events and then fails, or returns. As it
+            reclaims it may forget the other consumers (only those holding nothing)."""
             delivered: list[sb.Event] = []
 
             def handler(events: list[sb.Event]) -> None:
@@ -221,7 +226,7 @@ def test_no_event_is_removed_before_every_group_acked_it(
                 if fails:
                     fail_after_acking(acks)(events)
 
-            consumer_ = self.broker.consumer(group, name=consumer)
+            consumer_ = self.broker.consumer(group, name=consumer, forget_after=forget_after)
             try:
                 consumer_.consume(handler, count=count, block=False)
             except RuntimeError:
@@ -241,6 +246,14 @@ def test_no_event_is_removed_before_every_group_acked_it(
                 if chosen:
                     self.client.xack(stream, group, *[i for i, _ in chosen])
                     self.acked[stream, group].update(i for i, _ in chosen)
+
+        @rule(group=st.sampled_from(GROUPS), consumer=st.sampled_from(CONSUMERS))
+        def leave(self, group: str, consumer: str) -> None:
+            streams = [s for s in STREAM_GROUPS if group in STREAM_GROUPS[s]]
+            before = {s: self._pending(s, group) for s in streams}
+            kept = self.broker.consumer(group, name=consumer).leave()
+            assert {s: self._pending(s, group) for s in streams} == before
+            assert kept == [s for s in streams if any(c == consumer for _, c in before[s])]
 
         @rule(data=st.data(), stream=st.sampled_from(sorted(STREAM_GROUPS)))
         def claim(self, data: st.DataObject, stream: str) -> None:
