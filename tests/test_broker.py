@@ -153,6 +153,56 @@ def test_connections_killed_between_calls_are_replaced(broker: sb.Broker, server
     assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
 
 
+def test_read_browses_a_stream_without_a_group(broker: sb.Broker, server: Server) -> None:
+    assert broker.stream_stats("stream-a").last_id == "0-0"
+    ids = [broker.publish("stream-a", n, meta={"n": str(n)}) for n in range(5)]
+
+    first = broker.read("stream-a", count=3)
+
+    assert [(e.stream, e.id, e.body, e.tag("n")) for e in first] == [
+        ("stream-a", ids[n], n, str(n)) for n in range(3)
+    ]
+    assert [e.id for e in broker.read("stream-a", first[-1].id)] == ids[3:]
+    assert broker.read("stream-a", ids[-1]) == []
+    assert broker.stream_stats("stream-a").last_id == ids[-1]
+    # Nothing was delivered to a group or acknowledged: both groups still have it all to read.
+    for group in broker.stream_stats("stream-a").groups:
+        assert (group.lag, group.pending, group.last_delivered_id) == (5, 0, "0-0")
+    assert server.client().xlen("stream-a") == 5
+
+
+def test_read_waits_for_the_next_event(broker: sb.Broker) -> None:
+    after = broker.stream_stats("stream-c").last_id
+    publisher = threading.Timer(0.1, broker.publish, ("stream-c", "late"))
+    publisher.start()
+    try:
+        events = broker.read("stream-c", after, block=5.0)
+    finally:
+        publisher.join()
+    assert [e.body for e in events] == ["late"]
+    assert broker.read("stream-c", events[0].id, block=0.05) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"after": "latest"}, "after must be an event id such as '1518951480106-0' or '0', got "),
+        ({"count": 0}, "count must be an integer >= 1, got 0"),
+        ({"block": 0}, "block must be a positive number of seconds or None, got 0"),
+        ({"block": 10.0}, "block (10.0 s) must be shorter than the broker's socket_timeout"),
+    ],
+)
+def test_read_refuses_bad_arguments_naming_the_stream(
+    broker: sb.Broker, arguments: dict[str, object], message: str
+) -> None:
+    with pytest.raises(
+        sb.InvalidArgumentError, match=re.escape(f"reading stream stream-a: {message}")
+    ):
+        broker.read("stream-a", **arguments)  # type: ignore[arg-type]
+    with pytest.raises(sb.UnknownStreamError, match="stream-z"):
+        broker.read("stream-z")
+
+
 def test_count_bounds_each_call_across_streams_and_keeps_order(broker: sb.Broker) -> None:
     a = [broker.publish("stream-a", f"a{n}") for n in range(7)]
     b = [broker.publish("stream-b", f"b{n}") for n in range(5)]

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, stats
+from . import consuming, deadletters, gc, reading, stats
 from ._async import AsyncDriver
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from .config import ValidatedRegistry
@@ -50,6 +50,14 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
     def batch(self) -> AsyncBatch:
         """A batch sent when its ``async with`` block ends."""
         return AsyncBatch(self)
+
+    async def read(
+        self, stream: str, after: str = "0", *, count: int = 100, block: float | None = None
+    ) -> list[Event]:
+        """Events of ``stream`` above ``after``, without a group (as :meth:`Broker.read`)."""
+        return await self._driver.run(
+            reading.read(self._core, stream, after, count, block, self._connection.socket_timeout)
+        )
 
     def consumer(
         self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]

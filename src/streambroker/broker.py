@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from types import FrameType
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, stats
+from . import consuming, deadletters, gc, reading, stats
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
@@ -58,6 +58,21 @@ class Broker(BrokerFace[SyncDriver]):
     def batch(self) -> Batch:
         """A batch of events sent together when its ``with`` block ends."""
         return Batch(self)
+
+    def read(
+        self, stream: str, after: str = "0", *, count: int = 100, block: float | None = None
+    ) -> list[Event]:
+        """Up to ``count`` events of ``stream`` with ids above ``after``, oldest first,
+        read without a consumer group: nothing is acknowledged or recorded, and
+        ``ack()`` / ``fail()`` on these events do nothing.
+
+        Pass the last id read as ``after`` to go on; start from
+        ``stream_stats(stream).last_id`` to see only events published from then on.
+        With ``block`` (seconds), waits that long at most when there is no event yet.
+        """
+        return self._driver.run(
+            reading.read(self._core, stream, after, count, block, self._connection.socket_timeout)
+        )
 
     def consumer(
         self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]

@@ -30,7 +30,6 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from ._effects import Op, Send
 from .async_broker import AsyncBroker
 from .broker import Broker
 from .config import DEFAULT_DATA_DIR, Registry, ValidatedRegistry
@@ -54,8 +53,9 @@ CONFIG_ENV = "STREAMBROKER_CONFIG"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Events sent per pipeline when publishing lines from standard input.
 STDIN_BATCH = 1000
-#: The longest a read-only ``tail`` waits in one ``XREAD`` (milliseconds).
-TAIL_BLOCK_MS = 1000
+#: The longest a read-only ``tail`` waits in one read (seconds), and the events it reads at once.
+TAIL_BLOCK = 1.0
+TAIL_COUNT = 100
 
 log = logging.getLogger("streambroker.cli")
 
@@ -437,33 +437,18 @@ def event_line(event: Event, as_json: bool = False) -> str:
     return f"{event.stream} {event.id} {_content(record)}"
 
 
-def _xread(pool: str, stream: str, after: str) -> Op[Any]:
-    (reply,) = yield Send(
-        pool, [("XREAD", "COUNT", 100, "BLOCK", TAIL_BLOCK_MS, "STREAMS", stream, after)]
-    )
-    return reply
-
-
-def _last_id(pool: str, stream: str) -> Op[str]:
-    (reply,) = yield Send(pool, [("XREVRANGE", stream, "+", "-", "COUNT", 1)])
-    return reply[0][0].decode() if reply else "0-0"
-
-
 def _tail_read_only(broker: Broker, stream: str, limit: int | None, as_json: bool) -> None:
-    pool = broker.registry.streams[stream].pool
-    after = broker._driver.run(_last_id(pool, stream))
+    after = broker.stream_stats(stream).last_id
     print(f"tailing {stream} (read-only); Ctrl-C to stop", file=sys.stderr, flush=True)
     printed = 0
     try:
         while limit is None or printed < limit:
-            reply = broker._driver.run(_xread(pool, stream, after))
-            for _, entries in reply or ():
-                for raw_id, fields in entries:
-                    after = raw_id.decode()
-                    print(event_line(Event(stream, after, fields), as_json), flush=True)
-                    printed += 1
-                    if limit is not None and printed >= limit:
-                        return
+            for event in broker.read(stream, after, count=TAIL_COUNT, block=TAIL_BLOCK):
+                after = event.id
+                print(event_line(event, as_json), flush=True)
+                printed += 1
+                if limit is not None and printed >= limit:
+                    return
     except KeyboardInterrupt:
         return
 
@@ -520,8 +505,8 @@ def tail(
             "--group",
             "-g",
             help="Read as a consumer of this group (every stream of the group), acknowledging "
-            "what is printed; it leaves the group when it stops. Without it, nothing is "
-            "acknowledged or created.",
+            "what is printed; it leaves the group when it stops. Without it, events are only "
+            "read: nothing is acknowledged.",
             show_default=False,
         ),
     ] = None,

@@ -55,15 +55,18 @@ class GroupStats:
 
 @dataclass(frozen=True)
 class StreamStats:
-    """One stream: its length, its oldest event's age, its groups and orphan groups.
+    """One stream: its length, its newest id, its oldest event's age, its groups and
+    orphan groups.
 
-    ``orphan_groups`` exist on the server but are not registered for the stream;
-    they hold nothing back, and can be deleted.
+    ``last_id`` is the id of the last event ever added (``"0-0"`` before the first),
+    even if it was removed since. ``orphan_groups`` exist on the server but are not
+    registered for the stream; they hold nothing back, and can be deleted.
     """
 
     stream: str
     pool: str
     length: int
+    last_id: str
     oldest_event_age: float | None
     groups: tuple[GroupStats, ...]
     orphan_groups: tuple[str, ...]
@@ -184,6 +187,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
             stream=plan.stream,
             pool=plan.pool,
             length=int(info["length"]),
+            last_id=info["last-generated-id"].decode(),
             oldest_event_age=_age(now_ms, first_entry[0] if first_entry else None),
             groups=(),
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),

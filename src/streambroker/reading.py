@@ -1,0 +1,58 @@
+"""Reading a stream without a consumer group: browsing and tailing. I/O-free.
+
+Nothing is recorded on the server: any number of readers may read the same events,
+which stay until the registered groups have settled them (garbage collection does
+not wait for these readers).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ._effects import Op, Send
+from .core import BrokerCore
+from .errors import InvalidArgumentError
+from .events import Event
+
+__all__ = ["read"]
+
+_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
+def read(
+    core: BrokerCore,
+    stream: str,
+    after: str,
+    count: int,
+    block: float | None,
+    socket_timeout: float,
+) -> Op[list[Event]]:
+    """Up to ``count`` events of ``stream`` with ids above ``after``, oldest first.
+
+    With ``block`` (seconds), waits that long at most for an event when there is none.
+    """
+    spec = core.stream(stream)
+
+    def fail(message: str) -> InvalidArgumentError:
+        return InvalidArgumentError(f"reading stream {stream}: {message}")
+
+    if not isinstance(after, str) or not _ID.fullmatch(after):
+        raise fail(f"after must be an event id such as '1518951480106-0' or '0', got {after!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise fail(f"count must be an integer >= 1, got {count!r}")
+    command: tuple[str | int, ...] = ("XREAD", "COUNT", count)
+    if block is not None:
+        if isinstance(block, bool) or not isinstance(block, int | float) or block <= 0:
+            raise fail(f"block must be a positive number of seconds or None, got {block!r}")
+        if block >= socket_timeout:
+            raise fail(
+                f"block ({block} s) must be shorter than the broker's socket_timeout "
+                f"({socket_timeout} s)"
+            )
+        command += ("BLOCK", max(1, int(block * 1000)))
+    (reply,) = yield Send(spec.pool, ((*command, "STREAMS", spec.name, after),))
+    return [
+        Event(spec.name, raw_id.decode(), fields)
+        for _, entries in reply or ()
+        for raw_id, fields in entries
+    ]
