@@ -91,7 +91,7 @@ def _start_afresh(config: ValidatedRegistry) -> Op[None]:
         keys.setdefault(spec.pool, []).append(stream)
         for group in spec.groups:
             keys[spec.pool] += [dead_letter_key(stream, group), replay_key(stream, group)]
-    yield Parallel([Send(pool, [("DEL", *names)]) for pool, names in keys.items()])
+    yield Parallel([Send(pool, [("DEL", name) for name in names]) for pool, names in keys.items()])
 
 
 def _register_handlers(broker: Broker, tally: _Tally) -> None:
