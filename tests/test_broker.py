@@ -108,6 +108,15 @@ def _last_id(server: Server, stream: str, db: int = 0) -> str:
     return str(entry_id.decode())
 
 
+def _assert_in_step(broker: sb.Broker, server: Server) -> None:
+    """A publish and a batch over both pools get the ids of the events they stored."""
+    assert broker.publish("stream-a", "check") == _last_id(server, "stream-a")
+    with broker.batch() as batch:
+        batch.publish("stream-a", "check")
+        batch.publish("stream-c", "check")
+    assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
+
+
 def test_an_error_reply_in_a_batch_names_the_command_and_the_rest_stays_in_step(
     broker: sb.Broker, server: Server
 ) -> None:
@@ -124,11 +133,7 @@ def test_an_error_reply_in_a_batch_names_the_command_and_the_rest_stays_in_step(
     # Not a transaction: the events around the refused one were published.
     assert admin.xlen("stream-a") == 3
     # Every reply of that round trip was read: the next ones answer the next commands.
-    assert broker.publish("stream-a", 4) == _last_id(server, "stream-a")
-    with broker.batch() as batch:
-        batch.publish("stream-a", 5)
-        batch.publish("stream-c", 6)
-    assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
+    _assert_in_step(broker, server)
 
 
 def test_an_error_reply_to_publish_names_the_stream(broker: sb.Broker, server: Server) -> None:
@@ -146,11 +151,7 @@ def test_connections_killed_between_calls_are_replaced(broker: sb.Broker, server
     with broker.batch() as batch:
         batch.publish("stream-c", 0)
     server.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    assert broker.publish("stream-a", 1) == _last_id(server, "stream-a")
-    with broker.batch() as batch:
-        batch.publish("stream-a", 2)
-        batch.publish("stream-c", 3)
-    assert batch.ids == [_last_id(server, "stream-a"), _last_id(server, "stream-c", 3)]
+    _assert_in_step(broker, server)
 
 
 def test_read_browses_a_stream_without_a_group(broker: sb.Broker, server: Server) -> None:
