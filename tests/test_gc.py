@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
@@ -17,7 +19,7 @@ from hypothesis.stateful import (
 
 import streambroker as sb
 
-from .conftest import OpenBroker, Server
+from .conftest import OpenBroker, Server, wait_for
 
 
 def ids_in(client: redis.Redis, stream: str) -> list[str]:
@@ -46,6 +48,28 @@ def test_stream_drains_once_every_group_acked(broker: sb.Broker, server: Server)
     assert ids_in(client, "stream-a") == ids  # read-group-ab has read nothing yet
     broker.consumer("read-group-ab").consume(ignore, count=7, block=False)
     assert client.xlen("stream-a") == 0
+
+
+def test_a_waiting_consumer_collects_soon_after_its_last_ack(
+    broker: sb.Broker, server: Server
+) -> None:
+    """Collecting is spread over round trips, yet a consumer left waiting for events (here
+    up to 8 s in one read) still collects what it acknowledged, well before that read
+    ends."""
+    client = server.client(3)
+    consumer = broker.consumer("read-group-c", block_timeout=8.0)
+    thread = threading.Thread(target=consumer.consume, args=(ignore,), kwargs={"count": 3})
+    thread.start()
+    try:
+        for n in range(10):
+            broker.publish("stream-c", n)
+        wait_for(lambda: client.xlen("stream-c") == 0, timeout=6.0, what="the stream drained")
+        assert broker.group_stats("stream-c", "read-group-c").pending == 0
+    finally:
+        consumer.stop()
+        broker.publish("stream-c", "ends the wait")
+        thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def test_pending_and_undelivered_events_stay(broker: sb.Broker, server: Server) -> None:

@@ -58,6 +58,10 @@ MULTI_POOL_BLOCK = 0.1
 ONE_SHOT_ATTEMPTS = 5
 #: The longest wait between reconnection attempts (seconds).
 MAX_RECONNECT_DELAY = 5.0
+#: A consumer collects the streams it acknowledged events of at most this often
+#: (seconds), in round trips it makes anyway, and always before ``consume`` returns:
+#: with small batches, collecting after each one would cost more than the events.
+COLLECT_EVERY = 0.05
 #: An event acknowledged sooner than this share of ``retry_after`` after it was read
 #: cannot have been reclaimed, so its acknowledgement skips the ownership check.
 _SAFE_SHARE = 0.8
@@ -177,6 +181,9 @@ class ConsumerCore:
         self._renew_at = 0.0
         self._retries: dict[str, dict[str, float]] = {}
         self._outgoing = {pool: _Outgoing() for pool in self._by_pool}
+        # Keys with acknowledgements since they were last collected, and when next to.
+        self._uncollected: dict[str, None] = {}
+        self._collect_at = 0.0
         self._in_hand: list[Event] = []
         self._lost: set[tuple[str, str]] = set()
         self._lease_lost = False
@@ -341,8 +348,9 @@ class ConsumerCore:
             if any(due <= now for due in ids.values())
         }
 
-    def _outgoing_commands(self, pool: str) -> list[tuple[str, str, Command]]:
-        """(kind, key, command) for the acknowledgements and dead letters of ``pool``."""
+    def _outgoing_commands(self, pool: str, final: bool = False) -> list[tuple[str, str, Command]]:
+        """(kind, key, command) for the acknowledgements and dead letters of ``pool``, and
+        for collecting its streams when that is due (always when ``final``)."""
         out = self._outgoing[pool]
         commands: list[tuple[str, str, Command]] = []
         touched: dict[str, None] = {}
@@ -356,9 +364,23 @@ class ConsumerCore:
             commands.append(("dead", key, command))
             touched[key] = None
         if self.options.collect:
-            for key in touched:
-                commands.append(("gc", key, collect_command(key, self._sources[key].groups)))
+            self._uncollected.update(touched)
+            if final or time.monotonic() >= self._collect_at:
+                for key in self._uncollected:
+                    source = self._sources[key]
+                    if source.pool == pool:
+                        commands.append(("gc", key, collect_command(key, source.groups)))
         return commands
+
+    def _collect_in(self, now: float) -> float | None:
+        """Seconds until collecting is due; None when there is nothing to collect."""
+        if not self.options.collect:
+            return None
+        if not self._uncollected and not any(
+            out.acks or out.checked_acks or out.dead for out in self._outgoing.values()
+        ):
+            return None
+        return self._collect_at - now
 
     def _step(self, count: int, block: bool) -> Op[list[Event]]:
         now = time.monotonic()
@@ -370,6 +392,9 @@ class ConsumerCore:
         wait = 0.0
         if block and not self._own and not due and not reclaim:
             wait = min(self._block, self._reclaim_at - now, self._renew_at - now)
+            collect_in = self._collect_in(now)
+            if collect_in is not None and collect_in > 0:
+                wait = min(wait, collect_in)
             upcoming = [d for ids in self._retries.values() for d in ids.values()]
             if upcoming:
                 wait = min(wait, min(upcoming) - now)
@@ -494,6 +519,9 @@ class ConsumerCore:
                     len(lost),
                     self._sources[key].stream,
                 )
+        elif kind == "gc":
+            self._uncollected.pop(key, None)
+            self._collect_at = time.monotonic() + COLLECT_EVERY
         elif kind == "renew" and reply == 0:
             self._lease_lost = True
             raise LeaseLostError(
@@ -625,7 +653,9 @@ class ConsumerCore:
         self._renew_at = time.monotonic() + self.options.lease / 3
 
     def _flush(self) -> Op[None]:
-        plans = {pool: plan for pool in self._by_pool if (plan := self._outgoing_commands(pool))}
+        plans = {
+            pool: plan for pool in self._by_pool if (plan := self._outgoing_commands(pool, True))
+        }
         if not plans:
             return
         sends = [Send(pool, [command for _, _, command in plan]) for pool, plan in plans.items()]
