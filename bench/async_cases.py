@@ -135,7 +135,7 @@ def bench_async_batch(server: BenchServer, runs: int, n: int, batch_size: int) -
         n,
         lambda count: asyncio.run(sb_main(count)),
         lambda count: asyncio.run(raw_main(count)),
-        server.flush,
+        lambda _events: server.flush(),
         warmup=batch_size * 2,
     )
     return throughput_result(
@@ -156,11 +156,6 @@ def bench_async_consume(
     ``XREADGROUP`` + ``XACK`` loop."""
     config = registry(server.address)
     rounds = n // count + 3
-    size = [n]
-
-    def prepare() -> None:
-        server.flush()
-        filler.fill(size[0])
 
     async def sb_main(total: int) -> float:
         seen = [0]
@@ -200,19 +195,14 @@ def bench_async_consume(
         check(handled == total, f"raw async consume: handled {handled} of {total}")
         return sw.seconds
 
-    warm = min(n, count * 5)
-    size[0] = warm
-    for main in (sb_main, raw_main):
-        prepare()
-        asyncio.run(main(warm))
-    size[0] = n
     sb_rates, raw_rates = compare(
         f"{server.kind} async consume",
         runs,
         n,
         lambda total: asyncio.run(sb_main(total)),
         lambda total: asyncio.run(raw_main(total)),
-        prepare,
+        filler.afresh,
+        warmup=min(n, count * 5),
     )
     return throughput_result(
         "7/3",

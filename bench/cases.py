@@ -89,7 +89,13 @@ def bench_publish(server: BenchServer, runs: int, n: int) -> CaseResult:
         return sw.seconds
 
     sb_rates, raw_rates = compare(
-        f"{server.kind} publish", runs, n, sb_run, raw_run, server.flush, warmup=max(1, n // 20)
+        f"{server.kind} publish",
+        runs,
+        n,
+        sb_run,
+        raw_run,
+        lambda _events: server.flush(),
+        warmup=max(1, n // 20),
     )
     return throughput_result(
         "1",
@@ -137,7 +143,13 @@ def bench_batch(server: BenchServer, runs: int, n: int, batch_size: int) -> Case
         return sw.seconds
 
     sb_rates, raw_rates = compare(
-        f"{server.kind} batch", runs, n, sb_run, raw_run, server.flush, warmup=batch_size * 2
+        f"{server.kind} batch",
+        runs,
+        n,
+        sb_run,
+        raw_run,
+        lambda _events: server.flush(),
+        warmup=batch_size * 2,
     )
     return throughput_result(
         "2",
@@ -161,11 +173,6 @@ def bench_consume(
     raw ``XREADGROUP`` + ``XACK`` loop that decodes each body with msgspec."""
     config = registry(server.address)
     rounds = n // count + 3
-    size = [n]
-
-    def prepare() -> None:
-        server.flush()
-        filler.fill(size[0])
 
     def sb_run(total: int) -> float:
         seen = [0]
@@ -206,15 +213,10 @@ def bench_consume(
         check(_pending(server.address) == 0, "raw consume: events left pending")
         return sw.seconds
 
-    # The warm-up consumes a smaller stream: fill that size for it.
-    warm = min(n, count * 5)
-    size[0] = warm
-    for run in (sb_run, raw_run):
-        prepare()
-        run(warm)
-    size[0] = n
     label = f"{server.kind} consume" + ("" if collect else " (collect=False)")
-    sb_rates, raw_rates = compare(label, runs, n, sb_run, raw_run, prepare)
+    sb_rates, raw_rates = compare(
+        label, runs, n, sb_run, raw_run, filler.afresh, warmup=min(n, count * 5)
+    )
     if collect:
         return throughput_result(
             "3",

@@ -137,6 +137,15 @@ class Filler:
         finally:
             client.close()
 
+    def afresh(self, n: int) -> None:
+        """Empty the server, then fill STREAM with ``n`` events."""
+        client = raw_client(self.address)
+        try:
+            client.flushall()
+        finally:
+            client.close()
+        self.fill(n)
+
 
 # -- counting round trips -------------------------------------------------------
 

@@ -62,17 +62,18 @@ def compare(
     n: int,
     sb_run: Run,
     raw_run: Run,
-    prepare: Callable[[], None],
+    prepare: Callable[[int], None],
     warmup: int = 0,
 ) -> tuple[list[float], list[float]]:
     """Throughputs (events/s) of ``runs`` runs of each face, alternating which goes first.
 
-    ``prepare`` runs before every measurement (it flushes the server); ``warmup``
-    events are run once per face first and not counted.
+    ``prepare(events)`` runs before every run of ``events`` events (it flushes the
+    server, and may fill it); ``warmup`` events are run once per face first and not
+    counted.
     """
     if warmup:
         for run in (sb_run, raw_run):
-            prepare()
+            prepare(warmup)
             run(warmup)
     sb_rates: list[float] = []
     raw_rates: list[float] = []
@@ -81,7 +82,7 @@ def compare(
         if i % 2:
             faces.reverse()
         for _, run, rates in faces:
-            prepare()
+            prepare(n)
             gc.collect()
             seconds = run(n)
             rates.append(n / seconds)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,24 @@ def run(
     )
 
 
-def start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
+@contextmanager
+def started(command: list[str], cwd: Path) -> Iterator[subprocess.Popen[str]]:
     """A process whose stdout and stderr go to files in ``cwd`` (read them with
-    :func:`output`)."""
+    :func:`output`); killed when the block ends, if it still runs."""
     with open(cwd / "out.txt", "w") as out, open(cwd / "err.txt", "w") as err:
-        return subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=cli_env(), stdout=out, stderr=err, text=True
+        )
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def stop_cleanly(process: subprocess.Popen[str], signum: int) -> None:
+    """Send ``signum`` and check the process then exits with 0."""
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 0
 
 
 def output(cwd: Path) -> tuple[str, str]:
@@ -385,13 +399,9 @@ def test_stats_watch_refreshes_until_ctrl_c(project: Path, client: sb.Broker) ->
     first, second = (json.loads(line) for line in out.splitlines())
     assert first[0]["length"] == second[0]["length"] == 1
 
-    process = start([*CLI, "stats", "--watch", "--interval", "0.05"], project)
-    try:
+    with started([*CLI, "stats", "--watch", "--interval", "0.05"], project) as process:
         wait_for(lambda: output(project)[0].count("stream-b (default)") >= 2, 30, "2 tables")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
+        stop_cleanly(process, signal.SIGINT)
     out, err = output(project)
     assert err == ""
     assert re.search(r"^ ?stream-b \(default\) +1 ", out, re.M), out
@@ -453,17 +463,13 @@ def test_tail_without_group_prints_new_events_and_changes_nothing(
 ) -> None:
     redis_client = server.client()
     redis_client.xadd("stream-a", {"$body": '"before"', "$codec": "json"})
-    process = start([*CLI, "tail", "stream-a"], project)
-    try:
+    with started([*CLI, "tail", "stream-a"], project) as process:
         wait_for(lambda: "tailing stream-a" in output(project)[1], 30, "tail to start")
         # Written by another program: a JSON body with a tag, then one it cannot decode.
         first = redis_client.xadd("stream-a", {"$body": '{"n": 1}', "$codec": "json", "k": "v"})
         second = redis_client.xadd("stream-a", {"$body": b"\xff", "$codec": "json"})
         wait_for(lambda: output(project)[0].count("\n") >= 2, 30, "two events printed")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
+        stop_cleanly(process, signal.SIGINT)
     out, err = output(project)
     lines = out.splitlines()
     assert lines[0] == f'stream-a {first.decode()} k=v {{"n": 1}}'
@@ -573,20 +579,15 @@ def test_worker_runs_the_handlers_until_sigterm(
     # Published before the worker starts, and while it runs.
     a_ids = [client.publish("stream-a", body) for body in (1, "fail once", 3, 4)]
     b_ids = [client.publish("stream-b", n) for n in range(3)]
-    process = start(
-        [*CLI, "worker", "app:broker", "--consumers", "2", "--summary-interval", "0.1"], project
-    )
-    try:
+    command = [*CLI, "worker", "app:broker", "--consumers", "2", "--summary-interval", "0.1"]
+    with started(command, project) as process:
         c_ids = [client.publish("stream-c", n) for n in range(5)]
         a_ids.append(client.publish("stream-a", 5))
         wait_for(lambda: len(handled("read-group-a")) == 5, 30, "read-group-a")
         wait_for(lambda: len(handled("read-group-ab")) == 8, 30, "read-group-ab")
         wait_for(lambda: len(handled("read-group-c")) == 5, 30, "read-group-c")
         wait_for(lambda: "events in the last 0.1 s" in output(project)[1], 30, "a summary")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
+        stop_cleanly(process, signal.SIGTERM)
     out, err = output(project)
 
     assert sorted(handled("read-group-a")) == sorted(a_ids)
@@ -638,14 +639,10 @@ def test_worker_runs_coroutine_handlers_of_an_async_broker(
     (project / "app.py").write_text(ASYNC_APP.format(port=server.port, fast=FAST))
     records = server.client(db=5)
     ids = [client.publish("stream-a", n) for n in range(3)]
-    process = start([*CLI, "worker", "app:broker", "--consumers", "2"], project)
-    try:
+    with started([*CLI, "worker", "app:broker", "--consumers", "2"], project) as process:
         ids += [client.publish("stream-b", n) for n in range(3)]
         wait_for(lambda: records.llen("handled:read-group-ab") == 6, 30, "the events")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        process.kill()
+        stop_cleanly(process, signal.SIGTERM)
     handled = sorted(raw.decode() for raw in records.lrange("handled:read-group-ab", 0, -1))
     assert handled == sorted(ids)
     assert "worker stopped; handled 6 events: read-group-ab 6" in output(project)[1]
