@@ -17,6 +17,9 @@ import redis
 
 SERVER_KINDS = ("valkey", "redis")
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+#: Append-only persistence, each write on disk before it is answered: a SIGKILLed
+#: server restarted on the same directory has every write it acknowledged.
+AOF_PERSISTENCE = ("--save", "", "--appendonly", "yes", "--appendfsync", "always")
 
 
 def server_binary(kind: str) -> str | None:
@@ -117,6 +120,14 @@ class ServerProcess:
             client.flushall()
         finally:
             client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the process, as a crash would; :meth:`start` brings it back on the same
+        port and directory (with its data when it persists)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.process = None
 
     def stop(self) -> None:
         """Stop the process (its directory stays)."""

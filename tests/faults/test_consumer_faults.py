@@ -1,0 +1,101 @@
+"""Consumer processes under faults: killed at random, paused past ``retry_after``, and
+poison events on each path by which a handler can fail."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import pytest
+
+from ..conftest import Server
+from .conftest import BUDGET, GROUPS, STREAMS, MakeScenario, scaled
+
+pytestmark = pytest.mark.timeout(BUDGET + 60)
+
+
+def test_consumers_killed_at_random_while_a_producer_runs(
+    server: Server, make_scenario: MakeScenario
+) -> None:
+    scenario = make_scenario(server)
+    # Slow handlers hold their batches long enough for kills to land in them.
+    consumers = [
+        scenario.spawn(group, f"{group}-{i}", "slow", slow=0.05) for group in GROUPS for i in (1, 2)
+    ]
+    scenario.wait_running()
+    scenario.produce(rate=250)
+    chance = random.Random(7)
+    kills = 0
+    until = time.monotonic() + scaled(3.0)
+    while time.monotonic() < until:
+        scenario.run_for(chance.uniform(0.15, 0.4))
+        scenario.kill(chance.choice(consumers))
+        kills += 1
+    report = scenario.finish()
+    assert kills >= 6
+    assert sum(len(process.exits) for process in consumers) >= kills - 1
+    assert report.redelivered > 0  # killed batches came again, to their own or another
+    assert report.dead == {}
+
+
+def test_consumers_paused_past_retry_after_then_resumed(
+    server: Server, make_scenario: MakeScenario
+) -> None:
+    scenario = make_scenario(server)
+    pairs = [
+        [scenario.spawn(group, f"{group}-{i}", "slow", slow=0.05) for group in GROUPS]
+        for i in (1, 2)
+    ]
+    scenario.wait_running()
+    scenario.produce(rate=250)
+    for _ in range(max(1, round(scaled(1)))):
+        for paused in pairs:
+            scenario.run_for(0.4)
+            for process in paused:
+                scenario.pause(process)
+            # Past retry_after (0.5 s): the others take over; past the lease (1 s) too.
+            scenario.run_for(1.3)
+            for process in paused:
+                scenario.resume(process)
+    scenario.run_for(0.4)
+    report = scenario.finish()
+    assert report.redelivered > 0  # what the paused held was taken over
+    assert report.dead == {}
+    stderr = scenario.stderr()
+    assert "were taken over by another consumer before they were acknowledged" in stderr
+
+
+POISON_ERROR = {
+    "poison-fail": "PoisonError: poison {token}",
+    "poison-raise": "PoisonError: poison {token}",
+}
+
+
+@pytest.mark.parametrize("mode", ["poison-fail", "poison-raise", "poison-kill"])
+def test_only_poison_events_become_dead_letters(
+    server: Server, make_scenario: MakeScenario, mode: str
+) -> None:
+    scenario = make_scenario(server, max_deliveries=3)
+    for group in GROUPS:
+        for i in (1, 2):
+            scenario.spawn(group, f"{group}-{i}", mode)
+    rate, seconds = 200, scaled(2.0)
+    total = int(rate * seconds)
+    poisons = 2 if mode == "poison-kill" else 4
+    producer = scenario.produce(
+        rate=rate, poison=[total * (k + 1) // (poisons + 1) for k in range(poisons)]
+    )
+    scenario.run_for(seconds)
+    report = scenario.finish()
+    poisoned = {token for token in report.tokens if token.endswith("-poison")}
+    assert len(poisoned) == poisons, producer.errors
+    for group in GROUPS:
+        expected = {t for t in poisoned if group in STREAMS[t.split("-", 1)[1].rsplit("-", 2)[0]]}
+        assert report.dead_tokens(group) == expected, str(report)
+        for letter in report.dead[group]:
+            assert letter.deliveries == 3, str(report)
+            if mode == "poison-kill":
+                assert re.search(r"\b(stopped|died|killed)\b", letter.error), letter.error
+            else:
+                assert letter.error == POISON_ERROR[mode].format(token=letter.token)
