@@ -106,8 +106,8 @@ class Report:
     crowded: list[str] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
     dead: dict[str, list[Letter]] = field(default_factory=dict)
-    #: Tokens of the ``ok`` publishes, in order.
-    tokens: list[str] = field(default_factory=list)
+    #: The stream of each event published ``ok``, by token.
+    published_to: dict[str, str] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -189,143 +189,163 @@ def check(
       a batch of more than one;
     - consumer crashes.
     """
-    report = Report()
-    publishes: dict[str, dict[str, Any]] = {}
-    by_id: dict[tuple[str, str], str] = {}
-    handles: list[dict[str, Any]] = []
-    losses: list[float] = []
-    crashes: dict[tuple[str, str], list[Any]] = defaultdict(list)
-    for record in read_records(directory):
-        kind = record.get("kind")
-        if kind == "publish":
-            token = record["token"]
-            if token in publishes:
-                report.unexpected.append(f"token {token} published twice")
-            publishes[token] = record
-            report.published[record["outcome"]] += 1
-            if record["outcome"] == OK:
-                by_id[(record["stream"], record["id"])] = token
-                report.tokens.append(token)
-        elif kind == "handle":
-            handles.append(record)
-        elif kind == "crash":
-            crashes[(str(record.get("consumer")), str(record.get("error"))[:300])].append(
-                record.get("pid")
-            )
-        elif kind == "data-loss":
-            losses.append(record["at"])
-    for (consumer, error), pids in crashes.items():
-        times = f", {len(pids)} times" if len(pids) > 1 else ""
-        pid = ", ".join(map(str, sorted(set(pids))))
-        report.crashes.append(f"consumer {consumer} (pid {pid}{times}): {error}")
-
-    def token_of(stream: str, token: str | None, event_id: str) -> str | None:
-        return token if token is not None else by_id.get((stream, event_id))
-
-    settled: set[tuple[str, str]] = set()  # (group, token) handled with ack, or dead
-    seen: set[str] = set()
-    given: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    deliveries: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
-    distinct: dict[str, set[str]] = defaultdict(set)
-    for record in handles:
-        report.records += 1
-        group, stream, event_id = record["group"], record["stream"], record["id"]
-        delivery = int(record["delivery"])
-        where = f"{group} handled {stream} {event_id} (delivery {delivery}, {record['consumer']})"
-        if delivery > 1:
-            report.redelivered += 1
-        deliveries[(group, stream, event_id, delivery)].append(record)
-        if group not in streams.get(stream, ()):
-            report.unexpected.append(f"{where}: group {group} does not read {stream}")
-        token = token_of(stream, record.get("token"), event_id)
-        published = publishes.get(token) if token is not None else None
-        if published is None:
-            report.unexpected.append(f"{where}: never published (token {record.get('token')})")
-            continue
-        if published["stream"] != stream:
-            report.unexpected.append(f"{where}: token {token} was published to another stream")
-            continue
-        seen.add(token)
-        distinct[group].add(token)
-        given[(group, token)].append(record)
-        if record["outcome"] == ACK:
-            settled.add((group, token))
-        if delivery >= max_deliveries and int(record["batch"]) > 1:
-            report.crowded.append(f"{where}: in a batch of {record['batch']}")
-    report.handled = {group: len(tokens) for group, tokens in distinct.items()}
-
-    for (group, stream, event_id, delivery), same in deliveries.items():
-        if len(same) > 1:
-            who = ", ".join(f"{r['consumer']} (pid {r['pid']})" for r in same)
-            report.duplicates.append(
-                f"{group} was given {stream} {event_id} on delivery {delivery} "
-                f"{len(same)} times: {who}"
-            )
-
-    dead_count: Counter[tuple[str, str]] = Counter()
-    for letter in dead_letters:
-        token = token_of(letter.stream, letter.token, letter.id)
-        report.dead.setdefault(letter.group, []).append(replace(letter, token=token))
-        where = f"{letter.group}'s dead letter {letter.stream} {letter.id}"
-        published = publishes.get(token) if token is not None else None
-        if published is None or published["stream"] != letter.stream:
-            report.unexpected.append(f"{where}: never published to {letter.stream}")
-            continue
-        if letter.group not in streams.get(letter.stream, ()):
-            report.unexpected.append(f"{where}: group does not read {letter.stream}")
-            continue
-        seen.add(token)
-        settled.add((letter.group, token))
-        dead_count[(letter.group, token)] += 1
-        if letter.deliveries != max_deliveries:
-            report.unjustified.append(
-                f"{where} (token {token}): records {letter.deliveries} deliveries, "
-                f"max_deliveries is {max_deliveries}"
-            )
-        last = [
-            r
-            for r in given.get((letter.group, token), [])
-            if int(r["delivery"]) == max_deliveries and r["outcome"] != ACK
-        ]
-        if not any(int(r["batch"]) == 1 for r in last):
-            history = [
-                (r["delivery"], r["outcome"], r["batch"])
-                for r in given.get((letter.group, token), [])
-            ]
-            report.unjustified.append(
-                f"{where} (token {token}): the handler was not given it alone on delivery "
-                f"{max_deliveries} and failed on it; (delivery, outcome, batch) given: {history}"
-            )
-    for (group, token), times in dead_count.items():
-        if times > 1:
-            report.unjustified.append(f"{group} dead-lettered token {token} {times} times")
-
+    verdict = _Verdict(streams, max_deliveries)
+    verdict.read(read_records(directory))
+    verdict.handlings()
+    verdict.letters(dead_letters)
     for stream, token, event_id in stored:
-        known = token_of(stream, token, event_id)
+        known = verdict.token_of(stream, token, event_id)
         if known is not None:
-            seen.add(known)
+            verdict.seen.add(known)
+    verdict.settlements()
+    return verdict.report
 
-    for token, record in publishes.items():
-        outcome = record["outcome"]
-        if outcome == FAILED:
-            if token in seen:
-                report.unexpected.append(
-                    f"token {token}: its publish failed ({record.get('error')}) but it was stored"
-                )
-            continue
-        if outcome == UNKNOWN:
-            if token not in seen:
-                continue
-            report.stored_unknown += 1
-        for group in streams.get(record["stream"], ()):
-            if (group, token) in settled:
-                continue
-            if any(at > record["at"] for at in losses):
-                report.excused += 1
-                continue
-            history = [(r["delivery"], r["outcome"]) for r in given.get((group, token), [])]
-            report.lost.append(
-                f"token {token} ({outcome}, {record['stream']} {record.get('id', '?')}) never "
-                f"settled by {group}; (delivery, outcome) given: {history}"
+
+class _Verdict:
+    """The evidence :func:`check` gathers, kind by kind, into its report."""
+
+    def __init__(self, streams: Mapping[str, Sequence[str]], max_deliveries: int) -> None:
+        self.streams = streams
+        self.max_deliveries = max_deliveries
+        self.report = Report()
+        self.publishes: dict[str, dict[str, Any]] = {}  # by token
+        self.by_id: dict[tuple[str, str], str] = {}  # (stream, id): token
+        self.handles: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.seen: set[str] = set()  # tokens known to be stored
+        self.settled: set[tuple[str, str]] = set()  # (group, token): acked or dead
+        self.given: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+
+    def token_of(self, stream: str, token: str | None, event_id: str) -> str | None:
+        """The token of an event, by its id when it carries none."""
+        return token if token is not None else self.by_id.get((stream, event_id))
+
+    def read(self, records: Iterable[dict[str, Any]]) -> None:
+        report = self.report
+        crashes: dict[tuple[str, str], list[object]] = defaultdict(list)
+        for record in records:
+            kind = record.get("kind")
+            if kind == "publish":
+                token = str(record["token"])
+                if token in self.publishes:
+                    report.unexpected.append(f"token {token} published twice")
+                self.publishes[token] = record
+                report.published[record["outcome"]] += 1
+                if record["outcome"] == OK:
+                    self.by_id[(record["stream"], record["id"])] = token
+                    report.published_to[token] = record["stream"]
+            elif kind == "handle":
+                self.handles.append(record)
+            elif kind == "crash":
+                error = str(record.get("error"))[:300]
+                crashes[(str(record.get("consumer")), error)].append(record.get("pid"))
+            elif kind == "data-loss":
+                self.losses.append(float(record["at"]))
+        for (consumer, error), pids in crashes.items():
+            times = f", {len(pids)} times" if len(pids) > 1 else ""
+            pid = ", ".join(map(str, sorted(set(map(str, pids)))))
+            report.crashes.append(f"consumer {consumer} (pid {pid}{times}): {error}")
+
+    def handlings(self) -> None:
+        report = self.report
+        deliveries: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+        distinct: dict[str, set[str]] = defaultdict(set)
+        for record in self.handles:
+            report.records += 1
+            group, stream, event_id = record["group"], record["stream"], record["id"]
+            delivery = int(record["delivery"])
+            where = (
+                f"{group} handled {stream} {event_id} (delivery {delivery}, {record['consumer']})"
             )
-    return report
+            if delivery > 1:
+                report.redelivered += 1
+            deliveries[(group, stream, event_id, delivery)].append(record)
+            if group not in self.streams.get(stream, ()):
+                report.unexpected.append(f"{where}: group {group} does not read {stream}")
+            token = self.token_of(stream, record.get("token"), event_id)
+            published = self.publishes.get(token) if token is not None else None
+            if token is None or published is None:
+                report.unexpected.append(f"{where}: never published (token {record.get('token')})")
+                continue
+            if published["stream"] != stream:
+                report.unexpected.append(f"{where}: token {token} was published to another stream")
+                continue
+            self.seen.add(token)
+            distinct[group].add(token)
+            self.given[(group, token)].append(record)
+            if record["outcome"] == ACK:
+                self.settled.add((group, token))
+            if delivery >= self.max_deliveries and int(record["batch"]) > 1:
+                report.crowded.append(f"{where}: in a batch of {record['batch']}")
+        report.handled = {group: len(tokens) for group, tokens in distinct.items()}
+        for (group, stream, event_id, delivery), same in deliveries.items():
+            if len(same) > 1:
+                who = ", ".join(f"{r['consumer']} (pid {r['pid']})" for r in same)
+                report.duplicates.append(
+                    f"{group} was given {stream} {event_id} on delivery {delivery} "
+                    f"{len(same)} times: {who}"
+                )
+
+    def letters(self, letters: Iterable[Letter]) -> None:
+        report = self.report
+        limit = self.max_deliveries
+        times: Counter[tuple[str, str]] = Counter()
+        for letter in letters:
+            token = self.token_of(letter.stream, letter.token, letter.id)
+            report.dead.setdefault(letter.group, []).append(replace(letter, token=token))
+            where = f"{letter.group}'s dead letter {letter.stream} {letter.id}"
+            published = self.publishes.get(token) if token is not None else None
+            if token is None or published is None or published["stream"] != letter.stream:
+                report.unexpected.append(f"{where}: never published to {letter.stream}")
+                continue
+            if letter.group not in self.streams.get(letter.stream, ()):
+                report.unexpected.append(f"{where}: group does not read {letter.stream}")
+                continue
+            where = f"{where} (token {token})"
+            self.seen.add(token)
+            self.settled.add((letter.group, token))
+            times[(letter.group, token)] += 1
+            if letter.deliveries != limit:
+                report.unjustified.append(
+                    f"{where}: records {letter.deliveries} deliveries, max_deliveries is {limit}"
+                )
+            given = self.given.get((letter.group, token), [])
+            if not any(
+                int(r["delivery"]) == limit and r["outcome"] != ACK and int(r["batch"]) == 1
+                for r in given
+            ):
+                history = [(r["delivery"], r["outcome"], r["batch"]) for r in given]
+                report.unjustified.append(
+                    f"{where}: the handler was not given it alone on delivery {limit} and "
+                    f"failed on it; (delivery, outcome, batch) given: {history}"
+                )
+        for (group, token), count in times.items():
+            if count > 1:
+                report.unjustified.append(f"{group} dead-lettered token {token} {count} times")
+
+    def settlements(self) -> None:
+        report = self.report
+        for token, record in self.publishes.items():
+            outcome = record["outcome"]
+            if outcome == FAILED:
+                if token in self.seen:
+                    report.unexpected.append(
+                        f"token {token}: its publish failed ({record.get('error')}) but it was "
+                        "stored"
+                    )
+                continue
+            if outcome == UNKNOWN:
+                if token not in self.seen:
+                    continue
+                report.stored_unknown += 1
+            for group in self.streams.get(record["stream"], ()):
+                if (group, token) in self.settled:
+                    continue
+                if any(at > record["at"] for at in self.losses):
+                    report.excused += 1
+                    continue
+                given = [(r["delivery"], r["outcome"]) for r in self.given.get((group, token), [])]
+                report.lost.append(
+                    f"token {token} ({outcome}, {record['stream']} {record.get('id', '?')}) never "
+                    f"settled by {group}; (delivery, outcome) given: {given}"
+                )

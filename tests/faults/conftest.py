@@ -162,12 +162,15 @@ class Scenario:
         finally:
             client.close()
 
-    def kill(self, process: Process) -> None:
-        """SIGKILL ``process``; it is started again under the same name."""
+    def kill(self, process: Process) -> bool:
+        """SIGKILL ``process`` (it is started again under the same name); False when it
+        had died already and was not started again yet."""
         with self._lock:
             assert process.popen is not None
-            if process.popen.poll() is None:
-                process.popen.send_signal(signal.SIGKILL)
+            if process.popen.poll() is not None:
+                return False
+            process.popen.send_signal(signal.SIGKILL)
+            return True
 
     def pause(self, process: Process) -> None:
         """SIGSTOP ``process``."""

@@ -87,6 +87,11 @@ class Producer(threading.Thread):
         assert not self.is_alive(), f"producer {self.producer} did not stop in {timeout} s"
         self.log.close()
 
+    @property
+    def sent(self) -> int:
+        """How many events it tried to publish so far."""
+        return self._n
+
     def _next(self) -> tuple[str, dict[str, Any]]:
         n = self._n
         self._n += 1

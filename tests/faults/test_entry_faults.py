@@ -18,7 +18,10 @@ TEXT = msgspec.msgpack.encode("not a token")
 #: Each kind of foreign entry: its fields, and how the handler's error begins.
 MALFORMED: dict[str, tuple[dict[str | bytes, str | bytes], str]] = {
     "no-body": ({"origin": "another program"}, "ValueError: not an event of the suite"),
-    "body-without-codec": ({"$body": TEXT}, "DecodeError: stream {stream}, event {id}: "),
+    "body-without-codec": (
+        {"$body": TEXT},
+        "DecodeError: stream {stream}, event {id}: the entry has a $body field but no $codec",
+    ),
     "unknown-codec": (
         {"$body": b"\x28\xb5\x2f\xfd", "$codec": "zstd"},
         "DecodeError: stream {stream}, event {id}: unknown codec 'zstd'",
@@ -62,7 +65,7 @@ def test_malformed_entries_become_dead_letters_and_never_crash_a_consumer(
         for kind, (fields, error) in MALFORMED.items():
             scenario.run_for(pause)
             at = time.monotonic()
-            event_id = raw.xadd(stream, fields).decode()  # type: ignore[arg-type]
+            event_id = raw.xadd(stream, fields).decode()  # type: ignore[arg-type,union-attr]
             token = f"raw-{stream}-{kind}"
             log.write(
                 {

@@ -80,15 +80,13 @@ def test_client_kill_storms(server: Server, make_scenario: MakeScenario) -> None
     while time.monotonic() < until:
         scenario.run_for(chance.uniform(0.05, 0.3))
         for _ in range(chance.randint(1, 4)):
-            killed += int(
-                admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-            )
+            killed += int(admin.client_kill_filter(_type="normal", skipme=True))
         storms += 1
     admin.close()
     scenario.finish()
     assert storms >= 10
     assert killed >= storms  # every storm cut connections
-    assert "Connection closed by server.; trying again" in scenario.stderr()
+    assert "trying again" in scenario.stderr()  # the consumers saw their connections go
 
 
 def test_consumers_started_during_out_of_memory_drain_it(
