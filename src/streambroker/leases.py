@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._effects import Command
 from .keys import lease_key
 
-__all__ = ["acquire_command", "release_command", "renew_command"]
+__all__ = ["LEASE_RETAKEN", "acquire_command", "release_command", "renew_command"]
 
 # Take the lease if it is free or ours. Returns 1, or the holder's remaining ms.
 _ACQUIRE = """
@@ -22,14 +22,18 @@ end
 return -math.max(redis.call('PTTL', KEYS[1]), 1)
 """
 
-# Keep the lease if it is ours, or take it back if it vanished (server restarted
-# without persistence). Returns 0 when another process holds it.
+#: The reply of a renewal that found the lease gone (the server restarted without
+#: persistence, or the key was deleted) and took it again.
+LEASE_RETAKEN = 2
+
+# Keep the lease if it is ours, or take it back if it vanished. Returns 1, 2 when
+# it had vanished, or 0 when another process holds it.
 _RENEW = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if holder == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+  return 2
 end
 return 0
 """
@@ -46,7 +50,8 @@ def acquire_command(group: str, consumer: str, token: str, ttl_ms: int) -> Comma
 
 
 def renew_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
-    """Renew the lease; the reply is 0 when another process holds the name now."""
+    """Renew the lease; the reply is 0 when another process holds the name now, and
+    :data:`LEASE_RETAKEN` when it had vanished."""
     return ("EVAL", _RENEW, 1, lease_key(group, consumer), token, ttl_ms)
 
 
