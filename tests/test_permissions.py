@@ -4,9 +4,12 @@ exits at once with one line."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +132,60 @@ def test_a_command_refused_while_connecting_is_a_permission_error(
     assert caught.value.command == ""
     assert str(caught.value).startswith("redis pool 'default': ")
     assert "no permissions to run the 'client|setname' command" in str(caught.value)
+
+
+APPS = {
+    "sync": """\
+import streambroker as sb
+
+broker = sb.Registry.from_yaml("streambroker.yaml").validate().broker()
+
+@broker.handler("read-group-a", block_timeout=0.1)
+def handle(events):
+    pass
+
+@broker.handler("read-group-c", block_timeout=0.1)
+def handle_c(events):
+    pass
+""",
+    "async": """\
+import streambroker as sb
+
+broker = sb.Registry.from_yaml("streambroker.yaml").validate().async_broker()
+
+@broker.handler("read-group-a", block_timeout=0.1)
+async def handle(events):
+    pass
+
+@broker.handler("read-group-c", block_timeout=0.1)
+async def handle_c(events):
+    pass
+""",
+}
+
+
+@pytest.mark.parametrize("face", list(APPS))
+def test_a_worker_whose_user_is_refused_exits_at_once_with_one_line(
+    users: Users, tmp_path: Path, face: str
+) -> None:
+    # Reading is refused; everything before (creating groups, taking leases) is not.
+    (tmp_path / "streambroker.yaml").write_text(users.yaml("-xreadgroup"))
+    (tmp_path / "app.py").write_text(APPS[face])
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "streambroker", "worker", "app:broker", "--consumers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 1
+    assert finished.stdout == ""
+    errors = [line for line in finished.stderr.splitlines() if " INFO " not in line]
+    assert len(errors) == 1, finished.stderr
+    assert errors[0].startswith("streambroker: error: redis pool '")
+    assert ": XREADGROUP GROUP read-group-" in errors[0]
+    assert "no permissions to run the 'xreadgroup' command" in errors[0]
+    assert users.passwords[0] not in finished.stderr
