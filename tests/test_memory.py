@@ -7,6 +7,8 @@ server, so publishing works again.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +26,11 @@ OOM_TEXT = (
     "evicted), so it refuses new data until consumers acknowledge events (collection then "
     "removes them) or maxmemory is raised"
 )
+#: Room left above what the server uses when the test starts, then filled with events.
+HEADROOM = 2 << 20
+#: How far under what it uses the limit is lowered once the server is full.
+SLACK = 256 << 10
+BODY = "x" * (32 << 10)
 
 
 class Memory:
@@ -54,6 +61,69 @@ def memory(server: Server) -> Iterator[Memory]:
         admin.config_set("maxmemory", before["maxmemory"])
         admin.config_set("maxmemory-policy", before["maxmemory-policy"])
         admin.close()
+
+
+class Collector:
+    """A handler recording the ids it was given."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: list[str] = []
+
+    def __call__(self, events: list[sb.Event]) -> None:
+        with self.lock:
+            self.ids.extend(event.id for event in events)
+
+
+def fill(broker: sb.Broker, ids: list[str]) -> sb.OutOfMemoryError:
+    """Publish to stream-a until the server refuses (adding the ids to ``ids``); the error."""
+    for _ in range(10 * HEADROOM // len(BODY)):
+        try:
+            ids.append(broker.publish("stream-a", BODY))
+        except sb.OutOfMemoryError as exc:
+            return exc
+    pytest.fail("the server never ran out of memory")
+
+
+def test_publishing_fails_until_a_new_consumer_drains_the_full_server(
+    config: sb.ValidatedRegistry,
+    open_broker: OpenBroker,
+    memory: Memory,
+    server: Server,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = open_broker(config)
+    ids = [publisher.publish("stream-a", "before the limit")]
+    memory.limit(memory.used() + HEADROOM)
+
+    error = fill(publisher, ids)
+
+    assert len(ids) > 1  # the server filled up with events first
+    assert isinstance(error, sb.ServerReplyError)
+    assert (error.pool, error.command) == ("default", "XADD stream-a")
+    assert str(error) == "redis pool 'default': XADD stream-a" + OOM_TEXT
+    assert server.client().xlen("stream-a") == len(ids)
+    # Keep it full: the refused command's own buffer, freed now, must not make room.
+    memory.limit(memory.used() - SLACK)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        server.client().set("more", "data")
+
+    # Consumers that start now (a new broker: nothing created yet) read, acknowledge
+    # and collect; once every group acknowledged the events, they are removed.
+    consumers = open_broker(config)
+    for group in ("read-group-a", "read-group-ab"):
+        collector = Collector()
+        handled = consumers.consumer(group, "started-when-full").consume(
+            collector, count=20, block=False
+        )
+        assert (handled, collector.ids) == (len(ids), ids)
+    assert server.client().xlen("stream-a") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # nothing was lost
+    assert memory.used() < int(memory.admin.config_get("maxmemory")["maxmemory"])
+
+    # The memory is free again: publishing works, on the broker that was refused too.
+    after = publisher.publish("stream-a", "after")
+    assert server.client().xrange("stream-a")[0][0].decode() == after
 
 
 def test_groups_that_exist_are_found_when_the_server_cannot_create_any(
