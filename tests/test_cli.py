@@ -755,7 +755,8 @@ def test_dead_letters_show_the_handlers_exception(project: Path, client: sb.Brok
     assert (letter["event_id"], letter["deliveries"]) == (event_id, 1)
     first, *where = letter["error"].splitlines()
     assert first == "ValueError: negative price -1"
-    assert where and where[-1].endswith("in explode")
+    assert where
+    assert where[-1].endswith("in explode")
     code, out, err = invoke("dead-letters", "stream-a", "read-group-a")
     assert (code, err) == (0, ""), err
     assert "ValueError: negative price -1" in out

@@ -40,6 +40,7 @@ from .errors import (
     ConsumerBusyError,
     InvalidArgumentError,
     LeaseLostError,
+    OutOfMemoryError,
     PoolConnectionError,
     ServerReplyError,
 )
@@ -290,8 +291,8 @@ class ConsumerCore:
         """Whether a failed step is worth trying again (and prepare for it)."""
         self._own = dict.fromkeys(self._sources, "-")  # replies may have been lost
         self._reclaim_at = 0.0
-        if isinstance(exc, PoolConnectionError):
-            return True
+        if isinstance(exc, PoolConnectionError | OutOfMemoryError):
+            return True  # the server is back, or has memory again, after a while
         # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited.
         if isinstance(exc, ServerReplyError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
             self._report_loss(exc.pool, "a stream or the group vanished")
@@ -360,13 +361,13 @@ class ConsumerCore:
         lost: list[str] = []
         for send, replies in zip(sends, results, strict=True):
             for command, reply in zip(send.commands, replies, strict=True):
-                if not isinstance(reply, ReplyError) or reply.message.startswith("OOM"):
+                if not isinstance(reply, ReplyError) or reply.out_of_memory:
                     continue
                 if reply.message.startswith("NOGROUP") or "requires the key" in reply.message:
                     if send.pool not in lost:
                         lost.append(send.pool)
                 else:
-                    raise ServerReplyError(send.pool, f"{describe(command)}: {reply.message}")
+                    raise reply.error(send.pool, describe(command))
         return lost
 
     def _release(self) -> Op[None]:
@@ -517,10 +518,10 @@ class ConsumerCore:
             for (kind, key, command), reply in zip(plan, replies, strict=True):
                 if not isinstance(reply, ReplyError):
                     continue
-                if kind == "dead" and reply.message.startswith("OOM"):
+                if kind == "dead" and reply.out_of_memory:
                     waiting.append((send.pool, key, command))
                 else:
-                    raise ServerReplyError(send.pool, f"{describe(command)}: {reply.message}")
+                    raise reply.error(send.pool, describe(command))
         for pool in self._by_pool:
             self._outgoing[pool] = _Outgoing()
         for pool, key, command in waiting:

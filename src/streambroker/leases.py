@@ -3,6 +3,10 @@
 A lease is a key holding a random token with a time to live. ``consume()`` takes
 it, renews it while it runs, and deletes it when it returns; a consumer that died
 frees its name when the lease expires.
+
+Taking and renewing run even when the server is out of memory (the ``allow-oom``
+script flag, Redis 7.0 or later; the key is tiny): consumers must start and go on
+then, since acknowledging and collecting is what frees the memory.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from .keys import lease_key
 __all__ = ["LEASE_RETAKEN", "acquire_command", "release_command", "renew_command"]
 
 # Take the lease if it is free or ours. Returns 1, or the holder's remaining ms.
-_ACQUIRE = """
+_ACQUIRE = """#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == false or holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -28,7 +32,7 @@ LEASE_RETAKEN = 2
 
 # Keep the lease if it is ours, or take it back if it vanished. Returns 1, 2 when
 # it had vanished, or 0 when another process holds it.
-_RENEW = """
+_RENEW = """#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if holder == false then
