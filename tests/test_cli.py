@@ -740,6 +740,28 @@ def test_claim_moves_pending_events(project: Path, client: sb.Broker) -> None:
         thread.join()
 
 
+def test_dead_letters_show_the_handlers_exception(project: Path, client: sb.Broker) -> None:
+    event_id = client.publish("stream-a", {"price": -1})
+
+    def explode(events: list[sb.Event]) -> None:
+        raise ValueError(f"negative price {events[0].body['price']}")
+
+    with pytest.raises(ValueError, match="negative price"):
+        client.consumer("read-group-a", max_deliveries=1).consume(explode, block=False)
+
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a", "--json")
+    assert (code, err) == (0, ""), err
+    (letter,) = json.loads(out)
+    assert (letter["event_id"], letter["deliveries"]) == (event_id, 1)
+    first, *where = letter["error"].splitlines()
+    assert first == "ValueError: negative price -1"
+    assert where
+    assert where[-1].endswith("in explode")
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a")
+    assert (code, err) == (0, ""), err
+    assert "ValueError: negative price -1" in out
+
+
 def test_dead_letters_list_and_replay(project: Path, client: sb.Broker) -> None:
     ids = [client.publish("stream-a", {"price": n}, {"n": str(n)}) for n in range(3)]
 

@@ -3,6 +3,7 @@ consumers in threads, on the real servers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -15,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
-from streambroker.runner import Worker, load_app
+from streambroker.runner import AsyncWorker, Worker, load_app
 
-from .conftest import seed_registry, wait_for
+from .conftest import Server, free_port, seed_registry, wait_for
 
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.1, "retry_delay": 0.01}
 GROUPS = ("read-group-a", "read-group-ab", "read-group-c")
@@ -176,6 +177,86 @@ def test_run_stops_gracefully_on_sigterm(broker: sb.Broker) -> None:
     assert signal.getsignal(signal.SIGTERM) is before
     assert worker.join(timeout=0)
     assert broker.stream_stats("stream-a").length == 0
+
+
+def _restarts(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "starting again" in r.getMessage()]
+
+
+def test_refused_credentials_stop_the_worker_at_once(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"redis://nobody:s3cr3t-pw@{server.address}"
+    config = seed_registry(f"{url}/0", f"{url}/3")
+    raised: list[BaseException] = []
+    with config.broker() as broker:
+        Recorder(broker)
+        worker = Worker(broker, consumers=2)
+
+        def run() -> None:
+            try:
+                worker.run(handle_signals=False)
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "the worker keeps retrying"
+
+    (error,) = raised
+    assert isinstance(error, sb.PoolAuthenticationError)
+    assert str(error).startswith("redis pool '")
+    assert "s3cr3t-pw" not in str(error)
+    assert worker.error is error
+    with pytest.raises(sb.PoolAuthenticationError):
+        worker.join(timeout=0)  # every consumer stopped
+    assert _restarts(caplog) == []
+
+
+def test_refused_credentials_stop_the_async_worker_at_once(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"redis://nobody:wrong@{server.address}"
+    config = seed_registry(f"{url}/0", f"{url}/3")
+
+    async def main() -> AsyncWorker:
+        async with config.async_broker() as broker:
+            for group in GROUPS:
+
+                @broker.handler(group, **FAST)
+                async def handle(events: list[sb.Event]) -> None:
+                    del events
+
+            worker = AsyncWorker(broker, consumers=2)
+            with pytest.raises(sb.PoolAuthenticationError) as caught:
+                await asyncio.wait_for(worker.run(handle_signals=False), 30)
+            assert worker.error is caught.value
+            return worker
+
+    asyncio.run(main())
+    assert _restarts(caplog) == []
+
+
+def test_connection_errors_are_retried_until_the_worker_is_stopped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="streambroker")
+    nowhere = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = seed_registry(f"{nowhere}:0", f"{nowhere}:3")
+
+    def retries() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+
+    with config.broker() as broker:
+        Recorder(broker)
+        with Worker(broker, groups=["read-group-c"]) as worker:
+            # The consumer itself waits for the server, with back-off.
+            wait_for(lambda: len(retries()) >= 2, 30, "two attempts")
+        assert worker.error is None
+        assert worker.join(timeout=0)
+    assert "redis pool 'second'" in retries()[0]
+    assert _restarts(caplog) == []
 
 
 def test_bad_settings_are_refused_before_anything_runs() -> None:

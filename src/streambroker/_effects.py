@@ -18,9 +18,11 @@ import redis.exceptions as rex
 
 from .errors import (
     BrokerError,
+    OutOfMemoryError,
     PoolAuthenticationError,
     PoolConnectionError,
     PoolError,
+    PoolPermissionError,
     ServerReplyError,
 )
 
@@ -84,22 +86,64 @@ class Sleep:
 Effect = Send | Parallel | Handle | Sleep
 
 
+#: A command of a script refused by the ACL makes a plain ``ERR`` reply, not ``NOPERM``:
+#: "ACL failure in script: …" (Valkey), "The user executing the script can't …" (Redis 7.0).
+_SCRIPT_ACL_FAILURES = ("ACL failure in script", "The user executing the script can't")
+#: The kinds of error replies the broker tells apart (:attr:`ReplyError.code`).
+OOM = "OOM"
+NOPERM = "NOPERM"
+
+
 @dataclass(slots=True)
 class ReplyError:
-    """An error reply from the server, returned in place when ``allow_errors`` is set."""
+    """An error reply from the server, returned in place when ``allow_errors`` is set.
+
+    ``message`` is the server's text; ``code`` is :data:`OOM` (out of memory),
+    :data:`NOPERM` (the ACL refused the command, or a command of a script), or empty.
+    """
 
     message: str
+    code: str = ""
+
+    @classmethod
+    def of(cls, exc: rex.ResponseError) -> ReplyError:
+        """The error reply redis-py's parser made ``exc`` of."""
+        message = str(exc)
+        if isinstance(exc, rex.OutOfMemoryError):
+            return cls(message, OOM)
+        if isinstance(exc, rex.NoPermissionError) or message.startswith(_SCRIPT_ACL_FAILURES):
+            return cls(message, NOPERM)
+        return cls(message)
+
+    @property
+    def out_of_memory(self) -> bool:
+        """Whether the server refused for want of memory (``maxmemory`` reached)."""
+        return self.code == OOM
+
+    @property
+    def denied(self) -> bool:
+        """Whether the pool's user may not run the command (or one its script runs)."""
+        return self.code == NOPERM
+
+    def error(self, pool: str, what: str = "") -> PoolError:
+        """The error raised for this reply: ``what`` names the refused command (as
+        :func:`describe` gives it) or operation."""
+        if self.out_of_memory:
+            return OutOfMemoryError(pool, what)
+        if self.denied:
+            return PoolPermissionError(pool, self.message, what)
+        return ServerReplyError(pool, f"{what}: {self.message}" if what else self.message)
 
 
 def translate_error(exc: rex.RedisError, pool: str) -> BrokerError:
     """Turn a redis-py error into the broker's error naming the pool."""
+    if isinstance(exc, rex.ResponseError):
+        return ReplyError.of(exc).error(pool)
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError | rex.NoPermissionError):
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return PoolAuthenticationError(pool, text)
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
         return PoolConnectionError(pool, text)
-    if isinstance(exc, rex.ResponseError):
-        return ServerReplyError(pool, text)
     return PoolError(pool, text)
 
 
@@ -161,21 +205,26 @@ def pack(commands: Sequence[Command]) -> list[bytes]:
 def settle(send: Send, replies: list[Any]) -> list[Any]:
     """The replies to ``send``, read in order with error replies in place (redis-py's
     ``ResponseError``): those become :class:`ReplyError` with ``allow_errors``; without,
-    the first one is raised (after every reply was read, so the connection stays usable).
+    the first one raises its :meth:`ReplyError.error`, naming the command (after every
+    reply was read, so the connection stays usable).
     """
     for index, reply in enumerate(replies):
         if isinstance(reply, rex.ResponseError):
+            error = ReplyError.of(reply)
             if not send.allow_errors:
-                raise rex.ResponseError(f"{describe(send.commands[index])}: {reply}")
-            replies[index] = ReplyError(str(reply))
+                raise error.error(send.pool, describe(send.commands[index])) from reply
+            replies[index] = error
     return replies
 
 
 def describe(command: Command) -> str:
     """A command as an error message names it: its name and what it acts on."""
     words = [_text(word) for word in command[:4]]
-    if words[0].upper() in ("EVAL", "EVALSHA"):
+    name = words[0].upper()
+    if name in ("EVAL", "EVALSHA"):
         return f"script on {words[3]}" if len(words) > 3 else "script"
+    if name in ("XGROUP", "XINFO", "XREADGROUP"):  # a subcommand (or GROUP) comes first
+        return " ".join(words[:3])
     return " ".join(words[:2])
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._effects import Command, Handle, Op, Parallel, ReplyError, Send, Sleep, single
+from ._effects import Command, Handle, Op, Parallel, ReplyError, Send, Sleep, describe, single
 from .backoff import backoff
 from .config import check_name
 from .core import BrokerCore
@@ -31,6 +32,7 @@ from .delivery import (
     own_pending_command,
     reclaim_command,
     retry_command,
+    set_delivery_count_command,
     touch_command,
 )
 from .errors import (
@@ -38,13 +40,21 @@ from .errors import (
     ConsumerBusyError,
     InvalidArgumentError,
     LeaseLostError,
+    OutOfMemoryError,
     PoolConnectionError,
     ServerReplyError,
 )
 from .events import Event
 from .gc import collect_command
+from .handing import (
+    DIED_ON_LAST_DELIVERY,
+    LAST_DELIVERY_MARK,
+    batches,
+    describe_failure,
+    died_on_last_delivery,
+)
 from .keys import lease_key, replay_key
-from .leases import acquire_command, release_command, renew_command
+from .leases import LEASE_RETAKEN, acquire_command, release_command, renew_command
 
 __all__ = ["ConsumerCore", "ConsumerOptions", "claim", "remove_consumer"]
 
@@ -131,6 +141,7 @@ class _Outgoing:
     acks: dict[str, list[str]] = field(default_factory=dict)
     checked_acks: dict[str, list[str]] = field(default_factory=dict)
     dead: list[tuple[str, Command]] = field(default_factory=list)
+    restore: list[tuple[str, Command]] = field(default_factory=list)
 
 
 def _id_key(event: Event) -> tuple[int, int]:
@@ -185,8 +196,13 @@ class ConsumerCore:
         self._uncollected: dict[str, None] = {}
         self._collect_at = 0.0
         self._in_hand: list[Event] = []
+        self._dead_waiting = False  # dead letters refused for want of memory wait
+        # Whether the last step read events delivered before (handed in smaller batches).
+        self._redelivered = False
         self._lost: set[tuple[str, str]] = set()
         self._lease_lost = False
+        # Whether a loss of this group's data was reported (until the lease is seen again).
+        self._loss_reported = False
         self.stopping = False
 
     # -- the loop ---------------------------------------------------------------
@@ -207,31 +223,46 @@ class ConsumerCore:
         acked are acknowledged, the others stay pending, and the error propagates.
         """
         self.check_count(count)
-        yield from self.core.ensure_groups(self._by_pool)
-        yield from self._acquire()
         handled = 0
         try:
             failures = 0
-            while not (self.stopping and failures):
-                reading_new = not self._own
+            reported = ""  # the failure last logged, so that a streak logs each once
+            while True:
+                reading_new = bool(self._token) and not self._own
                 try:
                     yield from self.core.ensure_groups(self._by_pool)  # at once when lost
+                    if not self._token:
+                        yield from self._acquire()
                     events = yield from self._step(count, block and not self.stopping)
                 except (PoolConnectionError, ServerReplyError) as exc:
                     failures += 1
                     if not self._recoverable(exc) or (not block and failures >= ONE_SHOT_ATTEMPTS):
                         raise
+                    if self.stopping:
+                        break
                     delay = backoff(failures, 0.1, MAX_RECONNECT_DELAY)
-                    log.warning(
-                        "consumer %s of group %s: %s; trying again in %.1f s",
+                    text = str(exc)
+                    log.log(
+                        logging.DEBUG if text == reported else logging.WARNING,
+                        "consumer %s of group %s: %s; trying again in %.1f s (and on, with "
+                        "back-off, until it answers)",
                         self.name,
                         self.group,
-                        exc,
+                        text,
                         delay,
                     )
+                    reported = text
                     yield Sleep(delay)
                     continue
-                failures = 0
+                if failures:
+                    log.warning(
+                        "consumer %s of group %s: reconnected after %d failed attempts",
+                        self.name,
+                        self.group,
+                        failures,
+                    )
+                    failures = 0
+                    reported = ""
                 if events:
                     handled += yield from self._handle(events, count)
                 elif not block and reading_new and not self._due_retries(time.monotonic()):
@@ -260,52 +291,29 @@ class ConsumerCore:
         """Whether a failed step is worth trying again (and prepare for it)."""
         self._own = dict.fromkeys(self._sources, "-")  # replies may have been lost
         self._reclaim_at = 0.0
-        if isinstance(exc, PoolConnectionError):
-            return True
+        if isinstance(exc, PoolConnectionError | OutOfMemoryError):
+            return True  # the server is back, or has memory again, after a while
         # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we waited.
         if isinstance(exc, ServerReplyError) and ("NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
-            log.warning(
-                "consumer %s of group %s: a stream or the group vanished from redis pool %r "
-                "(the server lost data, or someone deleted it); recreating it",
-                self.name,
-                self.group,
-                exc.pool,
-            )
-            self.core.forget_groups(exc.pool)
+            self._report_loss(exc.pool, "a stream or the group vanished")
             return True
         return False
 
-    def _acquire(self) -> Op[None]:
-        # Registered with the group at once (not at its first read), so statistics
-        # list a live consumer even before it received anything.
-        sends = [
-            Send(
-                pool,
-                [("XGROUP", "CREATECONSUMER", s.key, self.group, self.name) for s in sources],
-                allow_errors=True,
-            )
-            for pool, sources in self._by_pool.items()
-        ]
-        results = yield Parallel(sends)
-        lost = [
-            send.pool
-            for send, replies in zip(sends, results, strict=True)
-            if any(isinstance(reply, ReplyError) for reply in replies)
-        ]
-        if lost:
+    def _report_loss(self, pool: str, what: str) -> None:
+        """Say (once for one loss) that the server lost this group's data; recreate it."""
+        if not self._loss_reported:
             log.warning(
-                "consumer %s of group %s: the group vanished from redis pool %s (the server "
-                "lost data, or someone deleted it); recreating it",
+                "consumer %s of group %s: %s from redis pool %r (the server lost data, or "
+                "someone deleted it); recreating what is missing",
                 self.name,
                 self.group,
-                ", ".join(map(repr, lost)),
+                what,
+                pool,
             )
-            for pool in lost:
-                self.core.forget_groups(pool)
-            yield from self.core.ensure_groups(lost)
-            yield Parallel(
-                [replace(send, allow_errors=False) for send in sends if send.pool in lost]
-            )
+            self._loss_reported = True
+        self.core.forget_groups(pool)
+
+    def _acquire(self) -> Op[None]:
         token = uuid.uuid4().hex
         ttl = int(self.options.lease * 1000)
         (reply,) = yield single(
@@ -324,12 +332,50 @@ class ConsumerCore:
         self._own = dict.fromkeys(self._sources, "-")
         self._retries.clear()  # re-reading the pending events covers them
         self._reclaim_at = 0.0
+        # Registered with the group at once (not at its first read), so statistics
+        # list a live consumer even before it received anything.
+        sends = [
+            Send(
+                pool,
+                [("XGROUP", "CREATECONSUMER", s.key, self.group, self.name) for s in sources],
+                allow_errors=True,
+            )
+            for pool, sources in self._by_pool.items()
+        ]
+        results = yield Parallel(sends)
+        lost = self._created(sends, results)
+        if lost:
+            for pool in lost:
+                self._report_loss(pool, "the group vanished")
+            yield from self.core.ensure_groups(lost)
+            again = [send for send in sends if send.pool in lost]
+            if self._created(again, (yield Parallel(again))):
+                raise ServerReplyError(lost[0], f"consumer group {self.group!r} vanished again")
+
+    def _created(self, sends: list[Send], results: list[list[Any]]) -> list[str]:
+        """The pools whose ``XGROUP CREATECONSUMER`` replies say the group is gone.
+
+        Refused for want of memory, the consumer is registered by its first read
+        instead (reading needs no memory check); other errors raise.
+        """
+        lost: list[str] = []
+        for send, replies in zip(sends, results, strict=True):
+            for command, reply in zip(send.commands, replies, strict=True):
+                if not isinstance(reply, ReplyError) or reply.out_of_memory:
+                    continue
+                if reply.message.startswith("NOGROUP") or "requires the key" in reply.message:
+                    if send.pool not in lost:
+                        lost.append(send.pool)
+                else:
+                    raise reply.error(send.pool, describe(command))
+        return lost
 
     def _release(self) -> Op[None]:
-        if not self._token or self._lease_lost:
+        token, self._token = self._token, ""
+        if not token or self._lease_lost:
             return
         try:
-            yield single(self._lease_pool, *release_command(self.group, self.name, self._token))
+            yield single(self._lease_pool, *release_command(self.group, self.name, token))
         except BrokerError as exc:
             log.warning(
                 "consumer %s of group %s: could not release its lease: %s",
@@ -337,7 +383,6 @@ class ConsumerCore:
                 self.group,
                 exc,
             )
-        self._token = ""
 
     # -- one round trip -----------------------------------------------------------
 
@@ -363,6 +408,8 @@ class ConsumerCore:
         for key, command in out.dead:
             commands.append(("dead", key, command))
             touched[key] = None
+        for key, command in out.restore:
+            commands.append(("restore", key, command))
         if self.options.collect:
             self._uncollected.update(touched)
             if final or time.monotonic() >= self._collect_at:
@@ -377,7 +424,8 @@ class ConsumerCore:
         if not self.options.collect:
             return None
         if not self._uncollected and not any(
-            out.acks or out.checked_acks or out.dead for out in self._outgoing.values()
+            out.acks or out.checked_acks or out.dead or out.restore
+            for out in self._outgoing.values()
         ):
             return None
         return self._collect_at - now
@@ -434,11 +482,10 @@ class ConsumerCore:
                     head += ("BLOCK", int(wait * 1000))
                 plan.append(("read", "", (*head, "STREAMS", *new, *[">"] * len(new))))
             plans.append(plan)
-            sends.append(Send(pool, [command for _, _, command in plan]))
+            sends.append(Send(pool, [command for _, _, command in plan], allow_errors=True))
         read_at = time.monotonic()
         results = yield Parallel(sends)
-        for pool in self._by_pool:
-            self._outgoing[pool] = _Outgoing()
+        self._sent(sends, plans, results)
         for key, ids in due.items():
             for event_id in ids:
                 self._retries[key].pop(event_id, None)
@@ -453,6 +500,41 @@ class ConsumerCore:
             for (kind, key, _), reply in zip(plan, replies, strict=True):
                 self._reply(kind, key, reply, count, read_at, events)
         return self._screen(events)
+
+    def _sent(
+        self,
+        sends: list[Send],
+        plans: list[list[tuple[str, str, Command]]],
+        results: list[list[Any]],
+    ) -> None:
+        """Check a round trip's error replies, then clear what went out.
+
+        A dead letter refused because the server is out of memory waits for the next
+        round trip (its event stays pending meanwhile); any other error reply raises,
+        and everything is sent again with the next attempt.
+        """
+        waiting: list[tuple[str, str, Command]] = []
+        for send, plan, replies in zip(sends, plans, results, strict=True):
+            for (kind, key, command), reply in zip(plan, replies, strict=True):
+                if not isinstance(reply, ReplyError):
+                    continue
+                if kind == "dead" and reply.out_of_memory:
+                    waiting.append((send.pool, key, command))
+                else:
+                    raise reply.error(send.pool, describe(command))
+        for pool in self._by_pool:
+            self._outgoing[pool] = _Outgoing()
+        for pool, key, command in waiting:
+            self._outgoing[pool].dead.append((key, command))
+        if waiting and not self._dead_waiting:
+            log.warning(
+                "consumer %s of group %s: the server is out of memory: %d dead letters wait "
+                "(their events stay pending) until it has memory again",
+                self.name,
+                self.group,
+                len(waiting),
+            )
+        self._dead_waiting = bool(waiting)
 
     def _reply(
         self, kind: str, key: str, reply: Any, count: int, read_at: float, into: list[Event]
@@ -470,6 +552,7 @@ class ConsumerCore:
             for (raw_id, fields), delivered in zip(entries, counts, strict=True):
                 event = Event(source.stream, raw_id.decode(), fields, key, int(delivered), read_at)
                 into.append(event)
+            self._redelivered = self._redelivered or bool(entries)
             if gone:
                 log.warning(
                     "stream %s, group %s: pending events %s are no longer in the stream (deleted "
@@ -522,8 +605,7 @@ class ConsumerCore:
         elif kind == "gc":
             self._uncollected.pop(key, None)
             self._collect_at = time.monotonic() + COLLECT_EVERY
-        elif kind == "renew" and reply == 0:
-            self._lease_lost = True
+        elif kind == "renew" and not self._renewed(reply):
             raise LeaseLostError(
                 self.group,
                 self.name,
@@ -532,15 +614,26 @@ class ConsumerCore:
                 "name; stopping without acknowledging anything more",
             )
 
+    def _renewed(self, reply: Any) -> bool:
+        """Take in a lease renewal's reply; False when another process took the name."""
+        if reply == 0:
+            self._lease_lost = True
+            return False
+        if reply == LEASE_RETAKEN:
+            self._report_loss(self._lease_pool, "its lease vanished")
+        else:
+            self._loss_reported = False
+        return True
+
     def _screen(self, events: list[Event]) -> list[Event]:
-        """Set aside events delivered more than ``max_deliveries`` times; sort the rest."""
-        limit = self.options.max_deliveries
+        """Set aside events whose consumer died handling them on their last delivery
+        (see :mod:`~streambroker.handing`); sort the rest."""
         kept = events
-        if any(event.delivery_count > limit for event in events):
+        if any(died_on_last_delivery(event.delivery_count) for event in events):
             kept = []
             for event in events:
-                if event.delivery_count > limit:
-                    self._bury(event, f"delivered {event.delivery_count - 1} times without success")
+                if died_on_last_delivery(event.delivery_count):
+                    self._bury(event, DIED_ON_LAST_DELIVERY)
                 else:
                     kept.append(event)
         if len({event.key for event in kept}) > 1:
@@ -549,16 +642,18 @@ class ConsumerCore:
 
     def _bury(self, event: Event, error: str) -> None:
         source = self._sources[event.key]
+        deliveries = self.options.max_deliveries
         log.warning(
-            "stream %s, group %s: event %s failed %d times; moving it to the dead letters: %s",
+            "stream %s, group %s: event %s failed on its last allowed delivery (%d); moving it "
+            "to the dead letters: %s",
             source.stream,
             self.group,
             event.id,
-            event.delivery_count,
+            deliveries,
             error,
         )
         command = dead_letter_command(
-            source.stream, event.key, self.group, self.name, event.id, error, event.delivery_count
+            source.stream, event.key, self.group, self.name, event.id, error, deliveries
         )
         self._outgoing[source.pool].dead.append((event.key, command))
 
@@ -566,17 +661,29 @@ class ConsumerCore:
 
     def _handle(self, events: list[Event], count: int) -> Op[int]:
         handled = 0
-        for start in range(0, len(events), count):
-            chunk = events[start : start + count]
+        limit = self.options.max_deliveries
+        if self._redelivered or limit == 1:
+            chunks: Iterable[list[Event]] = batches(events, count, limit)
+        else:
+            chunks = (events[start : start + count] for start in range(0, len(events), count))
+        self._redelivered = False
+        for chunk in chunks:
+            last = chunk[0].delivery_count >= limit
+            if last and not (yield from self._mark_last_delivery(chunk[0])):
+                continue
             self._in_hand = chunk
             try:
                 yield Handle(chunk, self.heartbeat, self._heartbeat_every)
-            except BaseException:
-                self._settle(chunk, succeeded=False)
+            except BaseException as exc:
+                self._settle(chunk, exc)
                 raise
             finally:
                 self._in_hand = []
-            self._settle(chunk, succeeded=True)
+            self._settle(chunk, None)
+            if last:
+                # Its acknowledgement goes out before anything else is handed: if this
+                # process dies meanwhile, the mark must not outlive a success.
+                yield from self._flush(final=False)
             handled += len(chunk)
             if self._lease_lost:
                 raise LeaseLostError(
@@ -589,12 +696,37 @@ class ConsumerCore:
                 break  # the rest stays pending: this consumer reads it first next time
         return handled
 
-    def _settle(self, events: list[Event], succeeded: bool) -> None:
+    def _mark_last_delivery(self, event: Event) -> Op[bool]:
+        """Mark ``event``, about to be handed alone on its last delivery (see
+        :mod:`~streambroker.handing`), sending what waits to go out with it; False
+        when it is no longer this consumer's."""
+        source = self._sources[event.key]
+        command = set_delivery_count_command(
+            event.key, self.group, self.name, [event.id], LAST_DELIVERY_MARK
+        )
+        lost = yield from self._flush(final=False, mark=(source.pool, event.key, command))
+        if lost:
+            log.warning(
+                "consumer %s of group %s: event %s of %s was taken over by another consumer "
+                "before it was handled; it will be handled there",
+                self.name,
+                self.group,
+                event.id,
+                source.stream,
+            )
+        return not lost
+
+    def _settle(self, events: list[Event], failure: BaseException | None) -> None:
+        """Queue what a handled batch leaves: acknowledgements, retries, dead letters.
+
+        ``failure`` is what the handler raised (None when it returned).
+        """
         now = time.monotonic()
         safe = self.options.retry_after * _SAFE_SHARE
+        limit = self.options.max_deliveries
         keys = {event.key for event in events}
         if (
-            succeeded
+            failure is None
             and len(keys) == 1
             and not self._lost
             and now - min(event.read_at for event in events) < safe
@@ -607,18 +739,29 @@ class ConsumerCore:
             return
         for event in events:
             source = self._sources[event.key]
-            if event.error is not None:
-                if event.delivery_count >= self.options.max_deliveries:
-                    self._bury(event, f"{type(event.error).__name__}: {event.error}")
+            out = self._outgoing[source.pool]
+            error = event.error
+            if error is None and failure is not None and not event.acked:
+                if event.delivery_count < limit:
+                    continue  # stays pending: delivered again, in a smaller batch
+                if not isinstance(failure, Exception):
+                    # Not the handler's failure (a cancellation, an interrupt): the
+                    # last delivery did not happen, so the mark comes off again.
+                    command = set_delivery_count_command(
+                        event.key, self.group, self.name, [event.id], event.delivery_count
+                    )
+                    out.restore.append((event.key, command))
+                    continue
+                error = failure
+            if error is not None:
+                if event.delivery_count >= limit:
+                    self._bury(event, describe_failure(error))
                 else:
                     delay = backoff(
                         event.delivery_count, self.options.retry_delay, self.options.retry_after
                     )
                     self._retries.setdefault(event.key, {})[event.id] = now + delay
                 continue
-            if not (succeeded or event.acked):
-                continue
-            out = self._outgoing[source.pool]
             if now - event.read_at < safe and (event.key, event.id) not in self._lost:
                 out.acks.setdefault(event.key, []).append(event.id)
             else:
@@ -648,23 +791,35 @@ class ConsumerCore:
             for command, lost in zip(send.commands, touches, strict=False):
                 for event_id in lost:
                     self._lost.add((str(command[3]), event_id.decode()))
-            if send.pool == self._lease_pool and replies[-1] == 0:
-                self._lease_lost = True
+            if send.pool == self._lease_pool:
+                self._renewed(replies[-1])
         self._renew_at = time.monotonic() + self.options.lease / 3
 
-    def _flush(self) -> Op[None]:
-        plans = {
-            pool: plan for pool in self._by_pool if (plan := self._outgoing_commands(pool, True))
-        }
+    def _flush(self, final: bool = True, mark: tuple[str, str, Command] | None = None) -> Op[Any]:
+        """Send the acknowledgements and dead letters waiting to go out (and collect:
+        always when ``final``, else when due), with ``mark`` (pool, key, command) if
+        given; returns the mark's reply."""
+        plans = {pool: self._outgoing_commands(pool, final) for pool in self._by_pool}
+        if mark is not None:
+            pool, key, command = mark
+            plans[pool].append(("mark", key, command))
+        plans = {pool: plan for pool, plan in plans.items() if plan}
         if not plans:
-            return
-        sends = [Send(pool, [command for _, _, command in plan]) for pool, plan in plans.items()]
+            return None
+        sends = [
+            Send(pool, [command for _, _, command in plan], allow_errors=True)
+            for pool, plan in plans.items()
+        ]
         results = yield Parallel(sends)
-        for pool in self._by_pool:
-            self._outgoing[pool] = _Outgoing()
+        self._sent(sends, list(plans.values()), results)
+        answer = None
         for plan, replies in zip(plans.values(), results, strict=True):
             for (kind, key, _), reply in zip(plan, replies, strict=True):
-                self._reply(kind, key, reply, 0, 0.0, [])  # logs what was taken over
+                if kind == "mark":
+                    answer = reply
+                else:
+                    self._reply(kind, key, reply, 0, 0.0, [])  # logs what was taken over
+        return answer
 
 
 def _lease_alive(core: BrokerCore, group: str, names: list[str]) -> Op[dict[str, bool]]:

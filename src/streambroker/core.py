@@ -13,7 +13,12 @@ from typing import Any
 from ._effects import Op, Parallel, ReplyError, Send
 from .codecs import Codec, get_codec
 from .config import StreamSpec, ValidatedRegistry
-from .errors import InvalidArgumentError, ServerReplyError, UnknownGroupError, UnknownStreamError
+from .errors import (
+    InvalidArgumentError,
+    OutOfMemoryError,
+    UnknownGroupError,
+    UnknownStreamError,
+)
 from .keys import replay_key
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
@@ -95,6 +100,10 @@ class BrokerCore:
         Groups start at the beginning of the stream (id 0), so events published before
         a group's first consumer ran are still delivered to it; each group also gets its
         replay stream. One pipeline per pool.
+
+        A server out of memory refuses ``XGROUP CREATE`` even for a group that exists:
+        then the groups are looked up (``XINFO GROUPS``, which needs no memory), and
+        :class:`OutOfMemoryError` is raised only for one that is missing.
         """
         todo = [pool for pool in dict.fromkeys(pools) if pool not in self._ready_pools]
         if not todo:
@@ -111,14 +120,18 @@ class BrokerCore:
             if commands:
                 sends.append(Send(pool, commands, allow_errors=True))
         results = yield Parallel(sends)
+        refused: dict[str, list[tuple[str, str]]] = {}  # per pool: (key, group)
         for send, replies in zip(sends, results, strict=True):
             for command, reply in zip(send.commands, replies, strict=True):
-                if isinstance(reply, ReplyError) and not reply.message.startswith("BUSYGROUP"):
-                    raise ServerReplyError(
-                        send.pool,
-                        f"cannot create consumer group {command[3]!r} of stream "
-                        f"{command[2]!r}: {reply.message}",
-                    )
+                if not isinstance(reply, ReplyError) or reply.message.startswith("BUSYGROUP"):
+                    continue
+                key, group = str(command[2]), str(command[3])
+                if reply.out_of_memory:
+                    refused.setdefault(send.pool, []).append((key, group))
+                    continue
+                raise reply.error(send.pool, _creating(key, group))
+        if refused:
+            yield from _check_groups_exist(refused)
         self._ready_pools.update(todo)
 
     def is_ready(self, pool: str) -> bool:
@@ -128,3 +141,30 @@ class BrokerCore:
     def forget_groups(self, pool: str) -> None:
         """Make the next operation on ``pool`` create its groups again (they were lost)."""
         self._ready_pools.discard(pool)
+
+
+def _creating(key: str, group: str) -> str:
+    return f"cannot create consumer group {group!r} of stream {key!r}"
+
+
+def _check_groups_exist(wanted: Mapping[str, list[tuple[str, str]]]) -> Op[None]:
+    """Raise :class:`OutOfMemoryError` for the first (key, group) of a pool that is missing."""
+    keys = {pool: list(dict.fromkeys(key for key, _ in pairs)) for pool, pairs in wanted.items()}
+    sends = [
+        Send(pool, [("XINFO", "GROUPS", key) for key in pool_keys], allow_errors=True)
+        for pool, pool_keys in keys.items()
+    ]
+    results = yield Parallel(sends)
+    for send, replies in zip(sends, results, strict=True):
+        existing: set[tuple[str, str]] = set()
+        for key, reply in zip(keys[send.pool], replies, strict=True):
+            if isinstance(reply, ReplyError):
+                if reply.denied:
+                    raise reply.error(send.pool, f"XINFO GROUPS {key}")
+                continue  # "no such key": the stream is missing, and so its group
+            for row in reply:
+                info = dict(zip(row[::2], row[1::2], strict=True))
+                existing.add((key, info[b"name"].decode()))
+        for key, group in wanted[send.pool]:
+            if (key, group) not in existing:
+                raise OutOfMemoryError(send.pool, _creating(key, group))

@@ -21,6 +21,7 @@ __all__ = [
     "own_pending_command",
     "reclaim_command",
     "retry_command",
+    "set_delivery_count_command",
     "touch_command",
 ]
 
@@ -121,6 +122,10 @@ end
 if #owned > 0 then
   if ARGV[3] == 'ack' then
     redis.call('XACK', KEYS[1], ARGV[1], unpack(owned))
+  elseif string.sub(ARGV[3], 1, 6) == 'count:' then
+    table.insert(owned, 'RETRYCOUNT'); table.insert(owned, string.sub(ARGV[3], 7))
+    table.insert(owned, 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned))
   else
     table.insert(owned, 'JUSTID')
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned))
@@ -168,6 +173,13 @@ def ack_owned_command(key: str, group: str, consumer: str, ids: list[str]) -> Co
 def touch_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Reset the idle time of the events still held; the reply lists the others."""
     return ("EVAL", _OWNED, 1, key, group, consumer, "touch", *ids)
+
+
+def set_delivery_count_command(
+    key: str, group: str, consumer: str, ids: list[str], count: int
+) -> Command:
+    """Set the delivery counter of the events still held; the reply lists the others."""
+    return ("EVAL", _OWNED, 1, key, group, consumer, f"count:{count}", *ids)
 
 
 def claim_all_command(key: str, group: str, source: str, target: str) -> Command:

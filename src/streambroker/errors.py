@@ -11,11 +11,13 @@ __all__ = [
     "EncodeError",
     "InvalidArgumentError",
     "LeaseLostError",
+    "OutOfMemoryError",
     "PayloadError",
     "PayloadTooLargeError",
     "PoolAuthenticationError",
     "PoolConnectionError",
     "PoolError",
+    "PoolPermissionError",
     "ServerReplyError",
     "UnknownGroupError",
     "UnknownStreamError",
@@ -108,11 +110,43 @@ class PoolConnectionError(PoolError, ConnectionError):
 
 
 class PoolAuthenticationError(PoolError, PermissionError):
-    """The pool's server refused the credentials or the permission for a command."""
+    """The pool's server refused the credentials or the permission for a command.
+
+    Never retried: consumers and ``streambroker worker`` stop at once.
+    """
+
+
+class PoolPermissionError(PoolAuthenticationError):
+    """The pool's user may not run a command (``NOPERM``, from the ACL), or a command a
+    script runs; ``command`` names it as the message does (``XADD stream-a``,
+    ``script on stream-a``)."""
+
+    def __init__(self, pool: str, message: str, command: str = "") -> None:
+        self.command = command
+        super().__init__(pool, f"{command}: {message}" if command else message)
 
 
 class ServerReplyError(PoolError):
     """The server answered a command with an error reply."""
+
+
+class OutOfMemoryError(ServerReplyError):
+    """The pool's server is out of memory (``OOM``): its ``maxmemory`` is reached and
+    nothing may be evicted, so it refuses commands that need memory, such as publishing.
+
+    Reading, acknowledging and collecting still work: the server frees up as consumers
+    acknowledge events and collection removes them, or when ``maxmemory`` is raised.
+    ``command`` names what was refused (``XADD stream-a``).
+    """
+
+    def __init__(self, pool: str, command: str = "") -> None:
+        self.command = command
+        message = (
+            "the server is out of memory (used memory reached maxmemory and nothing may be "
+            "evicted), so it refuses new data until consumers acknowledge events (collection "
+            "then removes them) or maxmemory is raised"
+        )
+        super().__init__(pool, f"{command}: {message}" if command else message)
 
 
 class EmbeddedServerError(BrokerError):

@@ -3,6 +3,10 @@
 A lease is a key holding a random token with a time to live. ``consume()`` takes
 it, renews it while it runs, and deletes it when it returns; a consumer that died
 frees its name when the lease expires.
+
+Taking and renewing run even when the server is out of memory (the ``allow-oom``
+script flag, Redis 7.0 or later; the key is tiny): consumers must start and go on
+then, since acknowledging and collecting is what frees the memory.
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 from ._effects import Command
 from .keys import lease_key
 
-__all__ = ["acquire_command", "release_command", "renew_command"]
+__all__ = ["LEASE_RETAKEN", "acquire_command", "release_command", "renew_command"]
 
 # Take the lease if it is free or ours. Returns 1, or the holder's remaining ms.
-_ACQUIRE = """
+_ACQUIRE = """#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == false or holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -22,14 +26,18 @@ end
 return -math.max(redis.call('PTTL', KEYS[1]), 1)
 """
 
-# Keep the lease if it is ours, or take it back if it vanished (server restarted
-# without persistence). Returns 0 when another process holds it.
-_RENEW = """
+#: The reply of a renewal that found the lease gone (the server restarted without
+#: persistence, or the key was deleted) and took it again.
+LEASE_RETAKEN = 2
+
+# Keep the lease if it is ours, or take it back if it vanished. Returns 1, 2 when
+# it had vanished, or 0 when another process holds it.
+_RENEW = """#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if holder == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+  return 2
 end
 return 0
 """
@@ -46,7 +54,8 @@ def acquire_command(group: str, consumer: str, token: str, ttl_ms: int) -> Comma
 
 
 def renew_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
-    """Renew the lease; the reply is 0 when another process holds the name now."""
+    """Renew the lease; the reply is 0 when another process holds the name now, and
+    :data:`LEASE_RETAKEN` when it had vanished."""
     return ("EVAL", _RENEW, 1, lease_key(group, consumer), token, ttl_ms)
 
 

@@ -7,7 +7,10 @@ in a thread of its own, named ``<prefix>-<i>`` (the prefix defaults to
 
 A consumer whose ``consume()`` raises (its handler raised, or a pool failed for
 good) is logged and started again after a back-off; the events its handler did not
-acknowledge stay pending, and come back when it starts again. :meth:`Worker.run`
+acknowledge stay pending, and come back when it starts again. A pool that refuses
+the credentials or a permission (:class:`~streambroker.PoolAuthenticationError`)
+stops the whole worker instead, at once: no retry can mend it, and whoever runs the
+worker must see it fail (:meth:`Worker.run` raises it). :meth:`Worker.run`
 stops every consumer on SIGTERM or SIGINT and waits for the batches in hand; each
 stopped consumer then leaves its group (:meth:`Consumer.leave`), so the names of
 past processes do not pile up in the group.
@@ -41,7 +44,7 @@ from .async_broker import AsyncBroker, AsyncConsumer
 from .backoff import backoff
 from .broker import Broker, Consumer, Handler
 from .core import HandlerSpec
-from .errors import BrokerError, InvalidArgumentError
+from .errors import BrokerError, InvalidArgumentError, PoolAuthenticationError
 from .events import Event
 
 __all__ = [
@@ -261,6 +264,8 @@ class Worker:
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = threading.Event()
         self._started = False
+        self._lock = threading.Lock()
+        self._error: PoolAuthenticationError | None = None
 
     @property
     def consumers(self) -> list[Consumer]:
@@ -271,6 +276,12 @@ class Worker:
     def groups(self) -> list[str]:
         """The consumer groups this worker serves."""
         return list(self.counts.snapshot())
+
+    @property
+    def error(self) -> PoolAuthenticationError | None:
+        """What stopped the worker, if anything did: a pool refused the credentials or
+        a permission (the first consumer's error, when several failed)."""
+        return self._error
 
     def start(self) -> None:
         """Start every consumer in a thread of its own; returns at once."""
@@ -302,7 +313,10 @@ class Worker:
             slot.consumer.stop()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for every consumer to stop; True when all have (False on timeout)."""
+        """Wait for every consumer to stop; True when all have (False on timeout).
+
+        Raises the :attr:`error` that stopped the worker, once every consumer stopped.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         for slot in self._slots:
             if slot.thread is None:
@@ -311,6 +325,8 @@ class Worker:
             slot.thread.join(left)
             if slot.thread.is_alive():
                 return False
+        if self._error is not None:
+            raise self._error
         return True
 
     def run(self, handle_signals: bool | None = None) -> dict[str, int]:
@@ -318,6 +334,8 @@ class Worker:
 
         Logs a summary every ``summary_interval`` seconds, then stops every consumer,
         waits for the batches in hand and returns how many events each group handled.
+        When a pool refuses the credentials or a permission, every consumer stops and
+        the :class:`~streambroker.PoolAuthenticationError` is raised.
         ``handle_signals`` (default: when called in the main thread) installs the
         SIGTERM and SIGINT handlers; a second signal acts as it did before (SIGINT
         raises :class:`KeyboardInterrupt`), for when a handler hangs.
@@ -401,6 +419,12 @@ class Worker:
             try:
                 slot.consumer.consume(handler, slot.plan.handler.count, handle_signals=False)
             except Exception as exc:
+                fatal = _fatal(slot, exc)
+                if fatal is not None:
+                    with self._lock:
+                        self._error = self._error or fatal
+                    self.stop()
+                    return  # leaving would be refused too
                 self._stopping.wait(_failed(slot, exc))
         try:
             left: list[str] | BrokerError = slot.consumer.leave()
@@ -423,6 +447,14 @@ def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], start
             ", ".join(streams),
             time.monotonic() - started,
         )
+
+
+def _fatal(slot: _Slot[Any], exc: Exception) -> PoolAuthenticationError | None:
+    """``exc`` when it stops the whole worker: the consumer's pool refused the credentials
+    or a permission (a handler's own errors never do)."""
+    if isinstance(exc, PoolAuthenticationError) and not slot.handler_failed:
+        return exc
+    return None
 
 
 def _failed(slot: _Slot[Any], exc: Exception) -> float:
@@ -495,6 +527,12 @@ class AsyncWorker:
         self.summary_interval = _positive_interval(summary_interval)
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = asyncio.Event()
+        self._error: PoolAuthenticationError | None = None
+
+    @property
+    def error(self) -> PoolAuthenticationError | None:
+        """What stopped the worker, if anything did (see :attr:`Worker.error`)."""
+        return self._error
 
     async def stop(self) -> None:
         """Ask every consumer to stop once its batch in hand is handled."""
@@ -503,7 +541,10 @@ class AsyncWorker:
             await slot.consumer.stop()
 
     async def run(self, handle_signals: bool | None = None) -> dict[str, int]:
-        """Run until :meth:`stop`, SIGTERM or SIGINT; returns the counts per group."""
+        """Run until :meth:`stop`, SIGTERM or SIGINT; returns the counts per group.
+
+        Raises the :attr:`error` that stopped every consumer, if one did.
+        """
         loop = asyncio.get_running_loop()
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
@@ -517,6 +558,8 @@ class AsyncWorker:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.summary_interval)
+                if self._stopping.is_set():
+                    break
                 now = self.counts.snapshot()
                 log.info(
                     "handled in the last %g s: %s",
@@ -530,6 +573,8 @@ class AsyncWorker:
                 loop.remove_signal_handler(sig)
             await self.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._error is not None:
+            raise self._error
         totals = self.counts.snapshot()
         log.info("worker stopped; handled %d events: %s", sum(totals.values()), _summary(totals))
         return totals
@@ -553,6 +598,11 @@ class AsyncWorker:
             try:
                 await slot.consumer.consume(handle, slot.plan.handler.count, handle_signals=False)
             except Exception as exc:
+                fatal = _fatal(slot, exc)
+                if fatal is not None:
+                    self._error = self._error or fatal
+                    await self.stop()
+                    return  # leaving would be refused too
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), _failed(slot, exc))
         try:

@@ -15,7 +15,6 @@ from typing import Any
 
 from ._effects import Command, Op, Parallel, ReplyError, Send
 from .core import BrokerCore
-from .errors import ServerReplyError
 from .keys import dead_letter_key, lease_key, replay_key
 
 __all__ = ["ConsumerStats", "GroupStats", "StreamStats", "collect_stats"]
@@ -115,9 +114,7 @@ def _first_round(stream: str, pool: str, groups: tuple[str, ...]) -> _Plan:
 
 def _check(pool: str, stream: str, reply: Any) -> Any:
     if isinstance(reply, ReplyError):
-        raise ServerReplyError(
-            pool, f"cannot read the statistics of stream {stream!r}: {reply.message}"
-        )
+        raise reply.error(pool, f"cannot read the statistics of stream {stream!r}")
     return reply
 
 

@@ -1,0 +1,140 @@
+"""Consumers and servers that come and go: waiting for a server, giving up, saying once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import streambroker as sb
+
+from .conftest import OpenBroker, Server, _require_binary, wait_for
+from .servers import SERVER_KINDS
+
+FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
+
+
+@pytest.fixture(params=SERVER_KINDS)
+def later(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A server of each kind, on a port of its own, not started yet."""
+    server = Server(request.param, _require_binary(request.param), tmp_path / request.param)
+    yield server
+    server.stop()
+
+
+def _registry(server: Server) -> sb.ValidatedRegistry:
+    registry = sb.Registry()
+    registry.register_redis(server.address)
+    registry.register_stream("stream-a", "default", ["read-group-a"])
+    return registry.validate()
+
+
+def _retries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if "trying again" in record.getMessage()]
+
+
+def test_a_blocking_consumer_waits_for_its_server(
+    later: Server, open_broker: OpenBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="streambroker")
+    broker = open_broker(_registry(later))
+    consumer = broker.consumer("read-group-a", "early", **FAST)
+    handled: list[object] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.consume(lambda events: handled.extend(e.body for e in events))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: len(_retries(caplog)) >= 3 or errors, what="attempts to connect")
+        assert not errors, errors
+        later.start()
+        broker.publish("stream-a", "hello")
+        wait_for(lambda: handled == ["hello"] or errors, timeout=30, what="the event")
+    finally:
+        consumer.stop()
+        thread.join(timeout=30)
+    assert not errors, errors
+    retries = _retries(caplog)
+    # Each failure is logged once as a warning; its repetitions only in debug.
+    assert [r.levelno for r in retries].count(logging.WARNING) == len(
+        {r.getMessage().split("; trying again")[0] for r in retries}
+    )
+    assert any("reconnected after" in r.getMessage() for r in caplog.records)
+
+
+def test_a_one_shot_consumer_gives_up_after_its_attempts(
+    later: Server, open_broker: OpenBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="streambroker")
+    broker = open_broker(_registry(later))
+    with pytest.raises(sb.PoolConnectionError, match="redis pool 'default'"):
+        broker.consumer("read-group-a", **FAST).consume(lambda events: None, block=False)
+    assert len(_retries(caplog)) == 4  # the fifth failure gives up
+
+
+def test_every_consumer_says_once_that_its_group_was_lost(
+    server: Server, open_broker: OpenBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Consumers of one group in two brokers (as in two processes). "two" is busy in its
+    handler when the server loses everything, and "one" recreates the group meanwhile:
+    "two" never reads from the lost group, yet it says so too, once."""
+    caplog.set_level(logging.WARNING, logger="streambroker")
+    config = _registry(server)
+    publisher = open_broker(config)
+    seen: dict[str, list[object]] = {"one": [], "two": []}
+    busy = threading.Event()
+
+    def handler(name: str) -> Callable[[list[sb.Event]], None]:
+        def handle(events: list[sb.Event]) -> None:
+            seen[name].extend(event.body for event in events)
+            if name == "two" and "slow" in seen[name]:
+                busy.set()
+                time.sleep(1.0)
+
+        return handle
+
+    runs = []
+    for name in seen:
+        consumer = open_broker(config).consumer("read-group-a", name, **{**FAST, "lease": 3.0})
+        thread = threading.Thread(target=consumer.consume, args=(handler(name), 1))
+        thread.start()
+        runs.append((consumer, thread))
+    try:
+        for n in range(20):
+            publisher.publish("stream-a", n)
+        wait_for(lambda: len(seen["one"] + seen["two"]) == 20, what="the first events")
+        while not busy.is_set():
+            publisher.publish("stream-a", "slow")
+            wait_for(lambda: busy.is_set() or "slow" in seen["one"], what="a slow handling")
+        server.client().flushall()  # the server lost everything
+        for n in range(20, 40):
+            publisher.publish("stream-a", n)
+        wait_for(
+            lambda: set(range(20, 40)) <= set(seen["one"] + seen["two"]),
+            timeout=20,
+            what="consumption after the loss",
+        )
+        wait_for(
+            lambda: len([r for r in caplog.records if "the server lost" in r.getMessage()]) >= 2,
+            timeout=20,
+            what="both consumers to notice the loss",
+        )
+    finally:
+        for consumer, thread in runs:
+            consumer.stop()
+            thread.join(timeout=30)
+    reports = [r.getMessage() for r in caplog.records if "the server lost data" in r.getMessage()]
+    assert sorted(message.split(":")[0] for message in reports) == [
+        "consumer one of group read-group-a",
+        "consumer two of group read-group-a",
+    ], reports
