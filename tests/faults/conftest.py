@@ -29,16 +29,12 @@ from streambroker.keys import lease_key
 from ..conftest import Server, _require_binary
 from ..servers import SERVER_KINDS
 from .checker import Letter, Report, check
-from .consumer import registry
-from .producer import STREAMS as PRODUCED
+from .consumer import judge
 from .producer import Producer
+from .streams import STREAMS, registry
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALE = float(os.environ.get("STREAMBROKER_FAULTS_SCALE", "1"))
-#: The registry of :func:`tests.faults.consumer.registry`: the groups of each stream.
-STREAMS = {"stream-a": ("read-group-a", "read-group-ab"), "stream-b": ("read-group-ab",)}
-GROUPS = ("read-group-a", "read-group-ab")
-assert set(PRODUCED) == set(STREAMS)
 #: Consumer options that make takeovers, lease expiry and retries take a second or less.
 FAST: dict[str, Any] = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
 #: The hard deadline of one scenario (seconds); the test fails with the report there.
@@ -92,28 +88,19 @@ class Scenario:
 
     # -- processes ------------------------------------------------------------------
 
-    def spawn(
-        self,
-        group: str,
-        name: str,
-        mode: str = "record",
-        *,
-        face: str | None = None,
-        count: int = 10,
-        slow: float = 0.0,
-        **options: Any,
-    ) -> Process:
-        """Start a consumer process (faces alternate, sync first, unless ``face`` is given)."""
+    def spawn(self, group: str, name: str, mode: str = "record", *, slow: float = 0.0) -> Process:
+        """Start a consumer process (see :mod:`tests.faults.consumer` for ``mode`` and
+        ``slow``); the faces alternate, sync first."""
         settings = {
             "address": self.server.address,
             "group": group,
             "name": name,
             "mode": mode,
-            "face": face or ("sync", "async")[len(self.consumers) % 2],
-            "count": count,
+            "face": ("sync", "async")[len(self.consumers) % 2],
+            "count": 10,
             "slow": slow,
             "logs": str(self.logs),
-            "options": {**FAST, "max_deliveries": self.max_deliveries, **options},
+            "options": {**FAST, "max_deliveries": self.max_deliveries},
         }
         process = Process(name, group, settings)
         with self._lock:
@@ -291,7 +278,7 @@ class Scenario:
                             stream,
                             group,
                             letter.event.id,
-                            _token(letter.event),
+                            judge(letter.event)[0],
                             letter.deliveries,
                             letter.error,
                         )
@@ -301,7 +288,7 @@ class Scenario:
     def stored(self) -> list[tuple[str, str | None, str]]:
         """(stream, token, id) of every entry the streams hold."""
         return [
-            (stream, _token(event), event.id)
+            (stream, judge(event)[0], event.id)
             for stream in STREAMS
             for event in self.broker.read(stream, count=100_000)
         ]
@@ -406,15 +393,6 @@ class Scenario:
                 process.popen.wait(timeout=10)
         if self._broker is not None:
             self._broker.close()
-
-
-def _token(event: sb.Event) -> str | None:
-    try:
-        body = event.body
-    except sb.DecodeError:
-        return None
-    token = body.get("t") if isinstance(body, dict) else None
-    return token if isinstance(token, str) else None
 
 
 MakeScenario = Callable[..., Scenario]

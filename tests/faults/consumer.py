@@ -41,6 +41,7 @@ from typing import Any
 import streambroker as sb
 
 from .checker import ACK, FAIL, KILL, RAISE, JsonLog
+from .streams import registry
 
 #: Pause before consume() starts again after the handler raised, or after a crash.
 RESTART_PAUSE = 0.05
@@ -51,22 +52,12 @@ class PoisonError(Exception):
     """What the handler raises, or fails an event with, for a poison event."""
 
 
-def registry(address: str) -> sb.ValidatedRegistry:
-    """The suite's registry: stream-a read by read-group-a and read-group-ab,
-    stream-b by read-group-ab, in pool default (db 0 of ``address``)."""
-    registry = sb.Registry()
-    registry.register_redis(address, db=0)
-    registry.register_stream("stream-a", "default", ["read-group-a", "read-group-ab"])
-    registry.register_stream("stream-b", "default", ["read-group-ab"])
-    return registry.validate()
-
-
 def is_poison(token: str | None) -> bool:
     return token is not None and token.endswith("-poison")
 
 
 def judge(event: sb.Event) -> tuple[str | None, BaseException | None]:
-    """The event's token, or the error that makes it no event of the suite."""
+    """The event's token, or None and the error that makes it no event of the suite."""
     try:
         event.meta  # noqa: B018 - reading it is the test: it may not decode
         body = event.body

@@ -20,8 +20,8 @@ from typing import Any
 import streambroker as sb
 
 from .checker import FAILED, OK, UNKNOWN, JsonLog
+from .streams import STREAMS
 
-STREAMS = ("stream-a", "stream-b")
 #: What a publish refused for want of memory raises (a dedicated error is coming).
 OUT_OF_MEMORY: type[sb.BrokerError] = getattr(sb, "OutOfMemoryError", sb.ServerReplyError)
 
@@ -42,7 +42,7 @@ def outcome_of(error: BaseException, batch: bool) -> str:
 
 
 class Producer(threading.Thread):
-    """Publishes to ``STREAMS`` at ``rate`` events per second (which may be changed
+    """Publishes to the suite's streams at ``rate`` events per second (which may be changed
     while it runs) until :meth:`stop`.
 
     ``batches``: the share of publishes sent as batches (of 2 to ``max_batch``
@@ -96,10 +96,10 @@ class Producer(threading.Thread):
         n = self._n
         self._n += 1
         if n in self.poison:
-            stream = STREAMS[self.poison.index(n) % len(STREAMS)]
+            stream = list(STREAMS)[self.poison.index(n) % len(STREAMS)]
             token = f"{self.producer}-{stream}-{n}-poison"
         else:
-            stream = self.random.choice(STREAMS)
+            stream = self.random.choice(list(STREAMS))
             token = f"{self.producer}-{stream}-{n}"
         return stream, {"t": token, "pad": self.pad}
 

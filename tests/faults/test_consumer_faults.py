@@ -10,7 +10,8 @@ import time
 import pytest
 
 from ..conftest import Server
-from .conftest import BUDGET, GROUPS, STREAMS, MakeScenario, scaled
+from .conftest import BUDGET, MakeScenario, scaled
+from .streams import GROUPS, STREAMS
 
 pytestmark = pytest.mark.timeout(BUDGET + 60)
 

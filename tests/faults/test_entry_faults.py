@@ -10,7 +10,8 @@ import pytest
 
 from ..conftest import Server
 from .checker import OK, JsonLog
-from .conftest import BUDGET, GROUPS, STREAMS, MakeScenario, scaled
+from .conftest import BUDGET, MakeScenario, scaled
+from .streams import GROUPS, STREAMS
 
 pytestmark = pytest.mark.timeout(BUDGET + 60)
 

@@ -11,7 +11,8 @@ import pytest
 from ..conftest import Server
 from ..servers import AOF_PERSISTENCE, NO_PERSISTENCE
 from .checker import FAILED, OK, UNKNOWN, mark_data_loss
-from .conftest import BUDGET, GROUPS, MakeScenario, MakeServer, Scenario, scaled
+from .conftest import BUDGET, MakeScenario, MakeServer, Scenario, scaled
+from .streams import GROUPS
 
 pytestmark = pytest.mark.timeout(BUDGET + 60)
 
