@@ -3,7 +3,10 @@ of any size (Lua cannot pass more than about 8,000 values to one call)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +31,7 @@ from streambroker.delivery import (
 from streambroker.wire import MAX_META_TAGS
 
 from .conftest import OpenBroker, Server, wait_for
+from .faces import Loop
 
 FAST = {"retry_after": 30.0, "lease": 5.0, "block_timeout": 0.2, "retry_delay": 0.01}
 MANY = 10_000
@@ -293,27 +297,49 @@ def test_a_consumer_of_ten_thousand_retries_and_buries_them(
     assert client.xpending("stream-c", "read-group-c")["pending"] == 0
 
 
-def test_ten_thousand_pending_events_are_claimed_and_reclaimed(
-    broker: sb.Broker, server: Server
+def test_a_slow_handler_of_ten_thousand_keeps_and_acks_them(
+    broker: sb.Broker, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Handled for longer than retry_after: heartbeats touch the 10,000 events, and their
+    acknowledgement checks that each is still this consumer's."""
+    caplog.set_level(logging.WARNING, logger="streambroker")
     ids = publish_many(broker, "stream-c", MANY)
-
-    def crash(events: list[sb.Event]) -> None:
-        raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        broker.consumer("read-group-c", "crashed").consume(crash, count=MANY, block=False)
-    consumer = broker.consumer("read-group-c", "taker", **{**FAST, "retry_after": 0.3})
-    assert consumer.claim("crashed", "idle") == MANY
-    client = server.client(3)
-    rows = client.xpending_range("stream-c", "read-group-c", "-", "+", MANY)
-    assert {row["consumer"] for row in rows} == {b"idle"}
     handler = Handler()
-    with consuming(consumer, handler, count=MANY):  # takes them over from "idle"
-        wait_for(lambda: len(handler.handled) == MANY, timeout=60, what="the reclaimed events")
-    assert set(handler.handled) == set(ids)
-    assert min(count for _, count in handler.deliveries) == 3  # read, claimed, reclaimed
-    assert client.xpending("stream-c", "read-group-c")["pending"] == 0
+
+    def slow(events: list[sb.Event]) -> None:
+        time.sleep(0.7)  # past retry_after, and past the share of it acked unchecked
+        handler(events)
+
+    consumer = broker.consumer("read-group-c", "w", **{**FAST, "retry_after": 0.5, "lease": 1})
+    assert consumer.consume(slow, count=MANY, block=False) == MANY
+    assert sorted(handler.deliveries) == sorted((i, 1) for i in ids)
+    assert server.client(3).xpending("stream-c", "read-group-c")["pending"] == 0
+    assert xlen(server, "stream-c", 3) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_ten_thousand_pending_events_are_claimed_and_reclaimed(
+    config: sb.ValidatedRegistry, server: Server
+) -> None:
+    with config.broker() as broker:  # the scripts are tested here: one face will do
+        ids = publish_many(broker, "stream-c", MANY)
+
+        def crash(events: list[sb.Event]) -> None:
+            raise RuntimeError("crash")
+
+        with pytest.raises(RuntimeError):
+            broker.consumer("read-group-c", "crashed").consume(crash, count=MANY, block=False)
+        consumer = broker.consumer("read-group-c", "taker", **{**FAST, "retry_after": 0.2})
+        assert consumer.claim("crashed", "idle") == MANY
+        client = server.client(3)
+        rows = client.xpending_range("stream-c", "read-group-c", "-", "+", MANY)
+        assert {row["consumer"] for row in rows} == {b"idle"}
+        handler = Handler()
+        with consuming(consumer, handler, count=MANY):  # takes them over from "idle"
+            wait_for(lambda: len(handler.handled) == MANY, timeout=60, what="the reclaimed events")
+        assert set(handler.handled) == set(ids)
+        assert min(count for _, count in handler.deliveries) == 3  # read, claimed, reclaimed
+        assert client.xpending("stream-c", "read-group-c")["pending"] == 0
 
 
 # --- entries with more fields than a script can pass on ---------------------------------
@@ -389,6 +415,7 @@ def test_entries_are_copied_field_by_field_up_to_the_limit(
 ) -> None:
     """Up to MAX_COPIED_FIELDS fields a dead letter holds them as they were; one more and
     they are packed. Both list and replay the same."""
+    assert MAX_META_TAGS + 2 <= MAX_COPIED_FIELDS  # what the broker publishes is never packed
     client = server.client(3)
     entry = foreign_entry(MAX_COPIED_FIELDS - 2 + extra)  # with $body and $codec
     huge = client.xadd("stream-c", entry).decode()
@@ -406,17 +433,42 @@ def test_entries_are_copied_field_by_field_up_to_the_limit(
     assert client.xlen(DEAD_C) == 0
 
 
+def drive(broker: sb.Broker, op: Any, loop: Loop) -> Any:
+    """Run an operation of the core with the broker's own driver, of either face."""
+    done = broker._driver.run(op)
+    return loop.run(done) if inspect.isawaitable(done) else done
+
+
+def packed_dead_letter(broker: sb.Broker, client: redis.Redis) -> tuple[str, list[bytes]]:
+    """A foreign entry too large to copy, set aside as a dead letter: (its id, its fields)."""
+    huge = client.xadd("stream-c", foreign_entry(MAX_COPIED_FIELDS)).decode()
+    consumer = broker.consumer("read-group-c", "w", max_deliveries=1, **FAST)
+    consumer.consume(Handler(lambda event: event.id == huge), block=False)
+    ((letter_id, fields),) = client.xrange(DEAD_C)
+    return letter_id.decode(), [word for pair in fields.items() for word in pair]
+
+
 def test_replaying_a_packed_letter_another_replay_took_adds_nothing(
-    config: sb.ValidatedRegistry, server: Server
+    broker: sb.Broker, server: Server, event_loop_thread: Loop
 ) -> None:
     client = server.client(3)
-    with config.broker() as broker:
-        huge = client.xadd("stream-c", foreign_entry(MAX_COPIED_FIELDS)).decode()
-        consumer = broker.consumer("read-group-c", "w", max_deliveries=1, **FAST)
-        consumer.consume(Handler(lambda event: event.id == huge), block=False)
-        ((letter_id, fields),) = client.xrange(DEAD_C)
-        client.xdel(DEAD_C, letter_id)  # as if another replay had just moved it
-        raw = [word for pair in fields.items() for word in pair]
-        replay = _replay_whole("second", "stream-c", "read-group-c", letter_id.decode(), raw)
-        assert broker._driver.run(replay) == 0
+    letter_id, fields = packed_dead_letter(broker, client)
+    client.xdel(DEAD_C, letter_id)  # as if another replay had just moved it
+    replay = _replay_whole("second", "stream-c", "read-group-c", letter_id, fields)
+    assert drive(broker, replay, event_loop_thread) == 0
     assert client.xlen(REPLAY_C) == 0
+
+
+def test_a_packed_letter_that_cannot_be_written_stays_a_dead_letter(
+    broker: sb.Broker, server: Server, event_loop_thread: Loop
+) -> None:
+    client = server.client(3)
+    letter_id, fields = packed_dead_letter(broker, client)
+    client.delete(REPLAY_C)
+    client.set(REPLAY_C, "not a stream")
+    replay = _replay_whole("second", "stream-c", "read-group-c", letter_id, fields)
+    with pytest.raises(sb.ServerReplyError, match="WRONGTYPE") as caught:
+        drive(broker, replay, event_loop_thread)
+    assert f"dead letter {letter_id} of group 'read-group-c'" in str(caught.value)
+    assert caught.value.pool == "second"
+    assert [entry_id.decode() for entry_id, _ in client.xrange(DEAD_C)] == [letter_id]
