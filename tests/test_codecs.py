@@ -275,8 +275,10 @@ def test_body_over_max_body_size_raises_and_writes_nothing(
         assert isinstance(caught.value, sb.BrokerError)
         with pytest.raises(sb.PayloadTooLargeError):
             broker.publish("stream-a", {"text": "y" * 500})
-        # The limit is on the body only, not on the meta.
-        with_meta = broker.publish("stream-a", 1, meta={"big": "z" * 500})
+        # The limit is on the whole entry: meta names and values count with the body.
+        with pytest.raises(sb.PayloadTooLargeError, match="meta tags alone are 503 bytes"):
+            broker.publish("stream-a", 1, meta={"big": "z" * 500})
+        with_meta = broker.publish("stream-a", b"x" * 48, meta={"big": "z" * 47})
         assert xlen(server) == 2
         events = consume(broker)
     assert [event.id for event in events] == [fits, with_meta]

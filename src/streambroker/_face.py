@@ -53,8 +53,9 @@ class BrokerFace(Generic[DriverT]):
     """The state of a broker that is not I/O: registry, codec, limits, handlers.
 
     Options: ``codec`` (``"msgpack"``, the default, or ``"json"``) for the bodies it
-    publishes; ``max_body_size`` (bytes, default 1 MiB) above which a body is refused
-    before anything is sent; ``socket_timeout`` and ``connect_timeout`` (seconds).
+    publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
+    refused before anything is sent, counting its encoded body and every meta tag's
+    name and value; ``socket_timeout`` and ``connect_timeout`` (seconds).
     """
 
     def __init__(

@@ -36,8 +36,9 @@ class Broker(BrokerFace[SyncDriver]):
     """Publishes to and consumes from the registered streams (synchronous API).
 
     Options: ``codec`` (``"msgpack"``, the default, or ``"json"``) for the bodies it
-    publishes; ``max_body_size`` (bytes, default 1 MiB) above which a body is refused
-    before anything is sent; ``socket_timeout`` and ``connect_timeout`` (seconds).
+    publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
+    refused before anything is sent, counting its encoded body and every meta tag's
+    name and value; ``socket_timeout`` and ``connect_timeout`` (seconds).
     Connections are opened on first use; :meth:`close` (or ``with``) closes them. A
     broker may be shared by threads.
     """

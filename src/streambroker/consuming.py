@@ -26,8 +26,8 @@ from .backoff import backoff
 from .config import check_name
 from .core import BrokerCore
 from .deadletters import dead_letter_command
-from .delivery import ack_owned_command as _ack_owned
 from .delivery import (
+    MAX_SCRIPT_BATCH,
     claim_all_command,
     own_pending_command,
     reclaim_command,
@@ -35,6 +35,7 @@ from .delivery import (
     set_delivery_count_command,
     touch_command,
 )
+from .delivery import ack_owned_command as _ack_owned
 from .errors import (
     BrokerError,
     ConsumerBusyError,
@@ -579,7 +580,7 @@ class ConsumerCore:
                         self.options.retry_after,
                         source.stream,
                     )
-                if len(entries) >= count:
+                if len(entries) >= min(count, MAX_SCRIPT_BATCH):
                     self._reclaim_at = 0.0  # more may be waiting
                 if forgotten and forgotten[0]:
                     log.info(

@@ -2,25 +2,50 @@
 
 Moving an event to the dead letters copies its entry to the group's dead-letter
 stream (with ``$dead:*`` fields saying why) and acknowledges it, in one atomic
-script, so it no longer holds the group or the garbage collector back. Replaying
-moves the dead letters to the group's replay stream, which only that group reads.
+script, so it no longer holds the group or the garbage collector back.
+
+A script cannot pass more than about 8,000 values to one ``XADD``, so an entry with
+more than :data:`MAX_COPIED_FIELDS` fields (only other programs write those: an
+event carries at most ``MAX_META_TAGS`` meta tags) is not copied field by field: its
+fields go into the one field ``$dead:fields``, as netstrings (``5:price,4:9.99,``),
+and :func:`list_dead_letters` unpacks them.
+
+Replaying moves the dead letters, oldest first, to the group's replay stream, which
+only that group reads: a script moves those it can copy; each packed one is read
+back and written whole by the broker, in a transaction with a script that removes
+the dead letter (or, when another replay took it first, the copy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ._effects import Command, Op, Send
+from ._effects import Command, Op, Send, single
 from .core import BrokerCore
+from .errors import DecodeError, ServerReplyError
 from .events import Event
 from .keys import dead_letter_key, replay_key
 
-__all__ = ["DeadLetter", "dead_letter_command", "list_dead_letters", "replay_dead_letters"]
+__all__ = [
+    "MAX_COPIED_FIELDS",
+    "DeadLetter",
+    "dead_letter_command",
+    "list_dead_letters",
+    "replay_dead_letters",
+]
 
 #: The longest error text kept with a dead letter.
 MAX_ERROR_LENGTH = 2000
+#: Entries with more fields than this are packed into ``$dead:fields``.
+MAX_COPIED_FIELDS = 2000
 
+_PREFIX = b"$dead:"
+_PACKED = b"$dead:fields"
+#: The ``$dead:*`` fields a dead letter adds to the original ones.
+_ADDED_FIELDS = 5
+
+# Copy pending event ARGV[3] of consumer ARGV[2] to the dead letters and acknowledge it.
+# Fields of an earlier death (a replayed dead letter) are dropped, but its origin stays.
 _DEAD = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
@@ -34,6 +59,11 @@ if entry then
       table.insert(fields, name); table.insert(fields, entry[2][i + 1])
     end
   end
+  if #fields > 2 * tonumber(ARGV[7]) then
+    local packed = {}
+    for i, value in ipairs(fields) do packed[i] = #value .. ':' .. value .. ',' end
+    fields = {'$dead:fields', table.concat(packed)}
+  end
   for _, f in ipairs({'$dead:stream', ARGV[4], '$dead:group', ARGV[1], '$dead:id', origin,
                       '$dead:error', ARGV[5], '$dead:deliveries', ARGV[6]}) do
     table.insert(fields, f)
@@ -44,13 +74,37 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
+# Move up to ARGV[1] dead letters, oldest first, until one that is packed or has more
+# than ARGV[2] values. Returns {moved, more, id, fields}: ``more`` is 1 when dead letters
+# may be left; ``id`` and ``fields`` are those of the letter it stopped at ('' and {}).
 _REPLAY = """
+local limit = tonumber(ARGV[2])
 local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
+local moved = 0
 for _, e in ipairs(entries) do
+  local copy = #e[2] <= limit
+  for i = 1, #e[2], 2 do
+    if copy and e[2][i] == '$dead:fields' then copy = false end
+  end
+  if not copy then return {moved, 1, e[1], e[2]} end
   redis.call('XADD', KEYS[2], '*', unpack(e[2]))
   redis.call('XDEL', KEYS[1], e[1])
+  moved = moved + 1
 end
-return #entries
+return {moved, #entries == tonumber(ARGV[1]) and 1 or 0, '', {}}
+"""
+
+# Run in a transaction right after the XADD of dead letter ARGV[1]'s copy (ARGV[2]
+# values) to KEYS[2]: remove the dead letter, or, when another replay removed it
+# first, the copy. Nothing is removed unless the copy is there.
+_TAKE = """
+local copy = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if not copy or #copy[2] ~= tonumber(ARGV[2]) then
+  return redis.error_reply('the copy of dead letter ' .. ARGV[1] .. ' is not in the replay stream')
+end
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then return 1 end
+redis.call('XDEL', KEYS[2], copy[1])
+return 0
 """
 
 _PAGE = 1000
@@ -85,14 +139,53 @@ def dead_letter_command(
         stream,
         error[:MAX_ERROR_LENGTH],
         deliveries,
+        MAX_COPIED_FIELDS,
     )
 
 
-def _field(fields: list[Any], name: bytes) -> str:
+def _netstrings(data: bytes) -> list[bytes] | None:
+    """The values of concatenated netstrings, or None when ``data`` is not that."""
+    values = []
+    at = 0
+    while at < len(data):
+        colon = data.find(b":", at)
+        digits = data[at:colon]
+        if colon < 0 or not digits.isdigit():
+            return None
+        end = colon + 1 + int(digits)
+        if data[end : end + 1] != b",":
+            return None
+        values.append(data[colon + 1 : end])
+        at = end + 1
+    return values
+
+
+def _letter(
+    stream: str, group: str, letter_id: str, fields: list[bytes]
+) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """A dead letter's fields as (the event's own, unpacked; the ``$dead:*`` ones)."""
+    original: list[bytes] = []
+    dead: dict[bytes, bytes] = {}
     for i in range(0, len(fields) - 1, 2):
-        if fields[i] == name:
-            return str(fields[i + 1].decode(errors="replace"))
-    return ""
+        name = fields[i]
+        if name.startswith(_PREFIX):
+            dead[name] = fields[i + 1]
+        else:
+            original += (name, fields[i + 1])
+    packed = dead.pop(_PACKED, None)
+    if packed is not None:
+        values = _netstrings(packed)
+        if values is None or len(values) % 2:
+            raise DecodeError(
+                f"stream {stream}, group {group}: dead letter {letter_id} has a "
+                f"{_PACKED.decode()} field that is not a list of netstrings"
+            )
+        original = values + original
+    return original, dead
+
+
+def _text(dead: dict[bytes, bytes], name: bytes) -> str:
+    return dead.get(name, b"").decode(errors="replace")
 
 
 def list_dead_letters(
@@ -105,15 +198,16 @@ def list_dead_letters(
     )
     letters = []
     for raw_id, fields in entries:
-        origin = _field(fields, b"$dead:id")
-        deliveries = _field(fields, b"$dead:deliveries")
+        letter_id = raw_id.decode()
+        original, dead = _letter(stream, group, letter_id, fields)
+        deliveries = _text(dead, b"$dead:deliveries")
         letters.append(
             DeadLetter(
-                id=raw_id.decode(),
+                id=letter_id,
                 stream=stream,
                 group=group,
-                event=Event(stream, origin, fields),
-                error=_field(fields, b"$dead:error"),
+                event=Event(stream, _text(dead, b"$dead:id"), original),
+                error=_text(dead, b"$dead:error"),
                 deliveries=int(deliveries) if deliveries.isdigit() else 0,
             )
         )
@@ -124,21 +218,42 @@ def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     """Deliver every dead letter of ``group`` from ``stream`` again, to that group only."""
     pool = core.stream_group(stream, group).pool
     yield from core.ensure_groups((pool,))
+    dead, replay = dead_letter_key(stream, group), replay_key(stream, group)
+    copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     moved = 0
     while True:
-        (count,) = yield Send(
-            pool,
-            [
-                (
-                    "EVAL",
-                    _REPLAY,
-                    2,
-                    dead_letter_key(stream, group),
-                    replay_key(stream, group),
-                    _PAGE,
-                )
-            ],
-        )
+        (reply,) = yield single(pool, "EVAL", _REPLAY, 2, dead, replay, _PAGE, copied)
+        count, more, letter_id, fields = reply
         moved += int(count)
-        if count < _PAGE:
+        if letter_id:
+            moved += yield from _replay_whole(pool, stream, group, letter_id.decode(), fields)
+        elif not more:
             return moved
+
+
+def _replay_whole(
+    pool: str, stream: str, group: str, letter_id: str, fields: list[bytes]
+) -> Op[int]:
+    """Replay one dead letter too large for a script to copy; 1, or 0 when another
+    replay took it first."""
+    original, added = _letter(stream, group, letter_id, fields)
+    entry = original + [word for item in added.items() for word in item]
+    dead, replay = dead_letter_key(stream, group), replay_key(stream, group)
+    replies = yield Send(
+        pool,
+        [
+            ("MULTI",),
+            ("XADD", replay, "*", *entry),
+            ("EVAL", _TAKE, 2, dead, replay, letter_id, len(entry)),
+            ("EXEC",),
+        ],
+    )
+    results = replies[-1]
+    for result in results:
+        if isinstance(result, Exception):
+            raise ServerReplyError(
+                pool,
+                f"cannot replay dead letter {letter_id} of group {group!r} from stream "
+                f"{stream!r}: {result}",
+            )
+    return int(results[1])

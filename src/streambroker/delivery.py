@@ -3,11 +3,17 @@
 ``XREADGROUP`` with ``>`` gives new events (delivered once). Every other way an event
 comes to a consumer goes through one of these scripts, which return the entries
 together with the server's delivery counter (each of them counts as a delivery:
-nothing is claimed with ``JUSTID`` except heartbeats), and report entries deleted
+nothing is claimed with ``JUSTID`` except by heartbeats and by
+:func:`set_delivery_count_command`), and report entries deleted
 from under a pending event (those are acknowledged, not retried forever).
 
 Replies of the three delivering scripts: ``{entries, counts, gone, cursor}`` (the
 reclaiming one adds the names of the consumers it forgot).
+
+Lua in Redis and Valkey cannot pass more than about 8,000 values to one call
+(``unpack`` fails with "too many results to unpack"), so every list of ids a script
+hands to a command goes in pages of :data:`PAGE` (see :data:`PAGED`): a consumer's
+``count`` may be 10,000.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from ._effects import Command
 
 __all__ = [
     "MAX_SCRIPT_BATCH",
+    "PAGE",
+    "PAGED",
     "ack_owned_command",
     "claim_all_command",
     "own_pending_command",
@@ -25,14 +33,36 @@ __all__ = [
     "touch_command",
 ]
 
-#: The most entries one script call hands over (bounded by Lua's unpack()).
+#: The most entries one script call hands over: it bounds the work of one call,
+#: which holds the server while it runs.
 MAX_SCRIPT_BATCH = 1000
 
-_CLAIMED = """
+#: The most items of a list a script passes to one command.
+PAGE = 1000
+
+#: A Lua function for the scripts: ``paged(head, list, tail)`` calls
+#: ``redis.call(head..., items..., tail...)`` for each page of at most :data:`PAGE`
+#: items of ``list`` (none when it is empty) and returns the replies in order.
+PAGED = f"""
+local function paged(head, list, tail)
+  local replies = {{}}
+  for first = 1, #list, {PAGE} do
+    local args = {{unpack(head)}}
+    for i = first, math.min(first + {PAGE - 1}, #list) do args[#args + 1] = list[i] end
+    for _, word in ipairs(tail) do args[#args + 1] = word end
+    replies[#replies + 1] = redis.call(unpack(args))
+  end
+  return replies
+end
+"""
+
+_CLAIMED = (
+    PAGED
+    + """
 local function claimed(key, group, ids, counts)
   local entries, ncounts, seen, gone = {}, {}, {}, {}
-  if #ids > 0 then
-    for _, e in ipairs(redis.call('XCLAIM', key, group, ARGV[2], 0, unpack(ids))) do
+  for _, page in ipairs(paged({'XCLAIM', key, group, ARGV[2], 0}, ids, {})) do
+    for _, e in ipairs(page) do
       if e and e[2] then
         table.insert(entries, e)
         table.insert(ncounts, counts[e[1]] + 1)
@@ -43,10 +73,11 @@ local function claimed(key, group, ids, counts)
   for _, id in ipairs(ids) do
     if not seen[id] then table.insert(gone, id) end
   end
-  if #gone > 0 then redis.call('XACK', key, group, unpack(gone)) end
+  paged({'XACK', key, group}, gone, {})
   return entries, ncounts, gone
 end
 """
+)
 
 # This consumer's own pending events after the cursor ARGV[3] ("-" or "(id").
 _OWN = (
@@ -109,40 +140,41 @@ return {entries, ncounts, gone, ''}
 """
 )
 
-# Acknowledge (ARGV[3] == 'ack') or keep alive ('touch': resets the idle time
-# without counting a delivery) the given events that are still this consumer's.
-# Returns the ids that are not: another consumer took them over.
-_OWNED = """
+# For the given events (from ARGV[5]) that are still this consumer's: acknowledge
+# them (ARGV[3] == 'ack'), keep them alive ('touch': resets the idle time without
+# counting a delivery), or also set their delivery counter to ARGV[4] ('count').
+# Returns the ids that are not this consumer's: another consumer took them over.
+_OWNED = (
+    PAGED
+    + """
 local owned, lost = {}, {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then table.insert(owned, ARGV[i])
   else table.insert(lost, ARGV[i]) end
 end
-if #owned > 0 then
-  if ARGV[3] == 'ack' then
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(owned))
-  elseif string.sub(ARGV[3], 1, 6) == 'count:' then
-    table.insert(owned, 'RETRYCOUNT'); table.insert(owned, string.sub(ARGV[3], 7))
-    table.insert(owned, 'JUSTID')
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned))
-  else
-    table.insert(owned, 'JUSTID')
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned))
-  end
+if ARGV[3] == 'ack' then
+  paged({'XACK', KEYS[1], ARGV[1]}, owned, {})
+elseif ARGV[3] == 'touch' then
+  paged({'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, owned, {'JUSTID'})
+else
+  paged({'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, owned, {'RETRYCOUNT', ARGV[4], 'JUSTID'})
 end
 return lost
 """
+)
 
 # Move up to ARGV[4] pending events of consumer ARGV[2] to consumer ARGV[3].
-_CLAIM_ALL = """
+_CLAIM_ALL = (
+    PAGED
+    + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[4], ARGV[2])
-if #rows == 0 then return 0 end
 local ids = {}
 for i, row in ipairs(rows) do ids[i] = row[1] end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids))
+paged({'XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0}, ids, {})
 return #ids
 """
+)
 
 
 def own_pending_command(key: str, group: str, consumer: str, cursor: str, count: int) -> Command:
@@ -167,19 +199,22 @@ def retry_command(key: str, group: str, consumer: str, ids: list[str]) -> Comman
 
 def ack_owned_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Acknowledge the events still held by this consumer; the reply lists the others."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, "ack", *ids)
+    return ("EVAL", _OWNED, 1, key, group, consumer, "ack", 0, *ids)
 
 
 def touch_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Reset the idle time of the events still held; the reply lists the others."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, "touch", *ids)
+    return ("EVAL", _OWNED, 1, key, group, consumer, "touch", 0, *ids)
 
 
 def set_delivery_count_command(
     key: str, group: str, consumer: str, ids: list[str], count: int
 ) -> Command:
-    """Set the delivery counter of the events still held; the reply lists the others."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, f"count:{count}", *ids)
+    """Set the server's delivery counter of the events still held to ``count``, without
+    counting a delivery (``XCLAIM … RETRYCOUNT count JUSTID``: the owner stays, the idle
+    time restarts); the reply lists the ids that are no longer this consumer's, which
+    are left alone."""
+    return ("EVAL", _OWNED, 1, key, group, consumer, "count", count, *ids)
 
 
 def claim_all_command(key: str, group: str, source: str, target: str) -> Command:

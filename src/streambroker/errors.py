@@ -90,7 +90,8 @@ class EncodeError(PayloadError, TypeError):
 
 
 class PayloadTooLargeError(PayloadError, ValueError):
-    """The encoded body is larger than the broker's ``max_body_size``; nothing was sent."""
+    """The event has more than 1,000 meta tags, or its entry (the encoded body plus every
+    meta name and value) is larger than the broker's ``max_body_size``; nothing was sent."""
 
 
 class DecodeError(PayloadError, ValueError):

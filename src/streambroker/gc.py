@@ -28,7 +28,6 @@ from typing import Any
 
 from ._effects import Command, Op, Parallel, ReplyError, Send
 from .core import BrokerCore
-from .errors import ServerReplyError
 from .keys import replay_key
 
 __all__ = ["COLLECT_SCRIPT", "collect", "collect_command", "removed_count"]
@@ -123,7 +122,7 @@ def collect_command(key: str, groups: Iterable[str], limit: int = WINDOW_LIMIT) 
 def removed_count(pool: str, stream: str, reply: Any) -> int:
     """How many events the collect script removed, from its reply."""
     if isinstance(reply, ReplyError):
-        raise ServerReplyError(pool, f"cannot collect stream {stream!r}: {reply.message}")
+        raise reply.error(pool, f"cannot collect stream {stream!r}")
     trimmed, deleted = reply
     return int(trimmed) + int(deleted)
 

@@ -1,4 +1,8 @@
-"""Publishing events, one at a time or in batches (one round trip per pool), I/O-free."""
+"""Publishing events, one at a time or in batches (one round trip per pool), I/O-free.
+
+Every event is encoded, and checked against the limits (see :mod:`.wire`), when it
+is published or queued, so a refused event raises before anything is sent.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ __all__ = ["BatchBuffer", "publish"]
 
 
 def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Command:
+    """The ``XADD`` of one event; raises for an event that cannot be sent."""
     spec = core.stream(stream)
     fields = encode_fields(spec.name, body, meta, core.codec, core.max_body_size)
     return ("XADD", spec.name, "*", *fields)
@@ -22,12 +27,7 @@ def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | No
 def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     """Publish one event; returns its id."""
     spec = core.stream(stream)
-    command = (
-        "XADD",
-        stream,
-        "*",
-        *encode_fields(stream, body, meta, core.codec, core.max_body_size),
-    )
+    command = _xadd(core, stream, body, meta)
     if not core.is_ready(spec.pool):
         yield from core.ensure_groups((spec.pool,))
     (reply,) = yield Send(spec.pool, (command,))
