@@ -43,7 +43,7 @@ def test_server_killed_and_restarted_with_append_only_persistence(
     # The outages were felt, and yet every publish that succeeded was handled.
     assert producer.counts[UNKNOWN] + producer.counts[FAILED] > 0
     assert report.excused == 0
-    assert "trying again" in scenario.stderr()
+    assert "reconnected after" in scenario.stderr()  # each consumer came back by itself
 
 
 def test_server_restarted_without_persistence(
@@ -87,7 +87,7 @@ def test_client_kill_storms(server: Server, make_scenario: MakeScenario) -> None
     scenario.finish()
     assert storms >= 10
     assert killed >= storms  # every storm cut connections
-    assert "trying again" in scenario.stderr()  # the consumers saw their connections go
+    assert "reconnected after" in scenario.stderr()  # the consumers came back by themselves
 
 
 def test_consumers_started_during_out_of_memory_drain_it(
