@@ -246,7 +246,7 @@ class ConsumerCore:
                     log.log(
                         logging.DEBUG if text == reported else logging.WARNING,
                         "consumer %s of group %s: %s; trying again in %.1f s (and on, with "
-                        "back-off, until it answers)",
+                        "back-off, for as long as it takes)",
                         self.name,
                         self.group,
                         text,
