@@ -109,10 +109,8 @@ class Report:
     #: The stream of each event published ``ok``, by token.
     published_to: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def problems(self) -> list[str]:
-        """Every problem, one line each; empty when the run held its promises."""
-        kinds = (
+    def _kinds(self) -> tuple[tuple[str, list[Any]], ...]:
+        return (
             ("lost", self.lost),
             ("unexpected", self.unexpected),
             ("unjustified duplicate", self.duplicates),
@@ -120,7 +118,11 @@ class Report:
             ("last delivery not alone", self.crowded),
             ("consumer crash", self.crashes),
         )
-        return [f"{name}: {item}" for name, items in kinds for item in items]
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem, one line each; empty when the run held its promises."""
+        return [f"{name}: {item}" for name, items in self._kinds() for item in items]
 
     def dead_tokens(self, group: str) -> set[str | None]:
         """The tokens of ``group``'s dead letters."""
@@ -147,14 +149,7 @@ class Report:
                     f"  dead letter of {group}: {letter.stream} {letter.id} token {letter.token} "
                     f"after {letter.deliveries} deliveries: {letter.error[:200]}"
                 )
-        for name, items in (
-            ("lost", self.lost),
-            ("unexpected", self.unexpected),
-            ("unjustified duplicate", self.duplicates),
-            ("unjustified dead letter", self.unjustified),
-            ("last delivery not alone", self.crowded),
-            ("consumer crash", self.crashes),
-        ):
+        for name, items in self._kinds():
             for item in items[:SHOWN]:
                 lines.append(f"  {name}: {item}")
             if len(items) > SHOWN:

@@ -24,6 +24,21 @@ def spawn_consumers(scenario: Scenario) -> None:
             scenario.spawn(group, f"{group}-{i}")
 
 
+def restart_server(scenario: Scenario, server: Server, *, persistent: bool, down: float) -> int:
+    """SIGKILL and restart ``server`` a few times while events flow (without persistence,
+    marking each loss of data); returns the events published ok before the last restart."""
+    scenario.produce(rate=250)
+    for _ in range(max(2, round(scaled(2)))):
+        scenario.run_for(0.8)
+        server.kill()
+        if not persistent:
+            mark_data_loss(scenario.logs)
+        if down:
+            scenario.run_for(down)
+        server.start()
+    return scenario.producers[0].counts[OK]
+
+
 def test_server_killed_and_restarted_with_append_only_persistence(
     own_server: MakeServer, make_scenario: MakeScenario
 ) -> None:
@@ -31,16 +46,11 @@ def test_server_killed_and_restarted_with_append_only_persistence(
     scenario = make_scenario(server)
     spawn_consumers(scenario)
     scenario.wait_running()
-    producer = scenario.produce(rate=250)
-    restarts = max(2, round(scaled(2)))
-    for _ in range(restarts):
-        scenario.run_for(0.8)
-        server.kill()
-        scenario.run_for(0.3)
-        server.start()
+    restart_server(scenario, server, persistent=True, down=0.3)
     scenario.run_for(0.8)
     report = scenario.finish()
     # The outages were felt, and yet every publish that succeeded was handled.
+    producer = scenario.producers[0]
     assert producer.counts[UNKNOWN] + producer.counts[FAILED] > 0
     assert report.excused == 0
     assert "reconnected after" in scenario.stderr()  # each consumer came back by itself
@@ -53,18 +63,11 @@ def test_server_restarted_without_persistence(
     scenario = make_scenario(server)
     spawn_consumers(scenario)
     scenario.wait_running()
-    producer = scenario.produce(rate=250)
-    restarts = max(2, round(scaled(2)))
-    for _ in range(restarts):
-        scenario.run_for(0.8)
-        server.kill()
-        mark_data_loss(scenario.logs)
-        server.start()
-    published = producer.counts[OK]
+    published = restart_server(scenario, server, persistent=False, down=0.0)
     scenario.run_for(1.0)
     report = scenario.finish()
     # After the last loss, the groups came back and what was published was handled.
-    assert producer.counts[OK] > published
+    assert scenario.producers[0].counts[OK] > published
     assert "recreating" in scenario.stderr()
     assert report.lost == []
 
