@@ -185,6 +185,7 @@ class ConsumerCore:
         self._reclaim_every = max(0.05, options.retry_after / 2)
         self._heartbeat_every = min(options.retry_after, options.lease) / 3
         self._token = ""
+        self._leased = False  # whether the lease is taken (the token may be, unconfirmed)
         # Per key: where re-reading this consumer's own pending events goes on ("-"
         # or "(id"); keys without an entry read new events.
         self._own: dict[str, str] = {}
@@ -204,6 +205,7 @@ class ConsumerCore:
         self._lease_lost = False
         # Whether a loss of this group's data was reported (until the lease is seen again).
         self._loss_reported = False
+        self._renewed_at = 0.0  # when the lease was last taken or renewed
         self.stopping = False
 
     # -- the loop ---------------------------------------------------------------
@@ -229,10 +231,10 @@ class ConsumerCore:
             failures = 0
             reported = ""  # the failure last logged, so that a streak logs each once
             while True:
-                reading_new = bool(self._token) and not self._own
+                reading_new = self._leased and not self._own
                 try:
                     yield from self.core.ensure_groups(self._by_pool)  # at once when lost
-                    if not self._token:
+                    if not self._leased:
                         yield from self._acquire()
                     events = yield from self._step(count, block and not self.stopping)
                 except (PoolConnectionError, ServerReplyError) as exc:
@@ -315,20 +317,24 @@ class ConsumerCore:
         self.core.forget_groups(pool)
 
     def _acquire(self) -> Op[None]:
-        token = uuid.uuid4().hex
+        # Known before the reply (and kept for another attempt): if the reply is lost,
+        # the lease may be ours, to take again or to release.
+        token = self._token = self._token or uuid.uuid4().hex
+        self._lease_lost = False
         ttl = int(self.options.lease * 1000)
         (reply,) = yield single(
             self._lease_pool, *acquire_command(self.group, self.name, token, ttl)
         )
         if reply != 1:
+            self._token = ""
             raise ConsumerBusyError(
                 self.group,
                 self.name,
                 f"consumer {self.name!r} of group {self.group!r} is already running in another "
                 f"process (its lease expires in {-int(reply) / 1000:.1f} s unless renewed)",
             )
-        self._token = token
-        self._lease_lost = False
+        self._leased = True
+        self._renewed_at = time.monotonic()
         self._renew_at = time.monotonic() + self.options.lease / 3
         self._own = dict.fromkeys(self._sources, "-")
         self._retries.clear()  # re-reading the pending events covers them
@@ -373,6 +379,7 @@ class ConsumerCore:
 
     def _release(self) -> Op[None]:
         token, self._token = self._token, ""
+        self._leased = False
         if not token or self._lease_lost:
             return
         try:
@@ -620,10 +627,20 @@ class ConsumerCore:
         if reply == 0:
             self._lease_lost = True
             return False
-        if reply == LEASE_RETAKEN:
+        now = time.monotonic()
+        if reply != LEASE_RETAKEN:
+            self._loss_reported = False
+        elif now - self._renewed_at < self.options.lease:
             self._report_loss(self._lease_pool, "its lease vanished")
         else:
-            self._loss_reported = False
+            log.warning(
+                "consumer %s of group %s: its lease expired (it was paused or cut off for "
+                "%.1f s, longer than the lease) and nobody took the name; it goes on",
+                self.name,
+                self.group,
+                now - self._renewed_at,
+            )
+        self._renewed_at = now
         return True
 
     def _screen(self, events: list[Event]) -> list[Event]:

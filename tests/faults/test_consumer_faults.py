@@ -65,6 +65,8 @@ def test_consumers_paused_past_retry_after_then_resumed(
     assert report.dead == {}
     stderr = scenario.stderr()
     assert "taken over by another consumer" in stderr  # they noticed, and did not ack them
+    assert "its lease expired" in stderr  # and took their names back, without a false alarm
+    assert "the server lost data" not in stderr
 
 
 POISON_ERROR = {
