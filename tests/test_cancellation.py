@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import streambroker as sb
+from streambroker.runner import AsyncWorker
 
 from .conftest import Server
 
@@ -526,3 +527,29 @@ def test_stop_and_cancel_while_a_thread_handler_runs(
         asyncio.run(main())
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("turns", range(3))
+def test_a_worker_cancelled_as_it_stops_ends_cancelled(
+    config: sb.ValidatedRegistry, server: Server, turns: int
+) -> None:
+    async def main() -> None:
+        async with config.async_broker() as broker:
+
+            @broker.handler(GROUP, **QUICK)
+            async def handle(events: list[sb.Event]) -> None:
+                pass
+
+            worker = AsyncWorker(broker, groups=[GROUP])
+            task = asyncio.create_task(worker.run(handle_signals=False))
+            await until(lambda: server.client(3).keys("sb:lease:*"), "the consumer to start")
+            await worker.stop()
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=DEADLINE)
+            assert done
+            assert task.cancelled(), f"the worker ended {task.exception() or task.result()!r}"
+            assert not server.client(3).keys("sb:lease:*")
+
+    asyncio.run(main())

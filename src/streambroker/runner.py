@@ -22,7 +22,6 @@ threads) as tasks. Both share the planning (:func:`plan_consumers`), the counts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import inspect
 import logging
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
+from ._async import sleep
 from .async_broker import AsyncBroker, AsyncConsumer
 from .backoff import backoff
 from .broker import Broker, Consumer, Handler
@@ -515,8 +515,7 @@ class AsyncWorker:
         try:
             last = self.counts.snapshot()
             while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.summary_interval)
+                await sleep(self.summary_interval, self._stopping)
                 now = self.counts.snapshot()
                 log.info(
                     "handled in the last %g s: %s",
@@ -553,8 +552,7 @@ class AsyncWorker:
             try:
                 await slot.consumer.consume(handle, slot.plan.handler.count, handle_signals=False)
             except Exception as exc:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _failed(slot, exc))
+                await sleep(_failed(slot, exc), self._stopping)
         try:
             left: list[str] | BrokerError = await slot.consumer.leave()
         except BrokerError as exc:
