@@ -363,3 +363,32 @@ def test_load_app_chains_the_error_of_the_module(app_dir: Path) -> None:
     # The library's own errors pass through unchanged.
     with pytest.raises(sb.ConfigError, match=r"nowhere\.yaml: config file not found"):
         load_app(f"{bad_config}:broker")
+
+
+def test_the_async_worker_runs_plain_functions_off_the_event_loop(server: Server) -> None:
+    config = seed_registry(f"{server.address}:0", f"{server.address}:3")
+    on_the_loop: list[bool] = []
+
+    async def main() -> dict[str, int]:
+        async with config.async_broker() as broker:
+            await broker.publish("stream-c", "x")
+
+            @broker.handler("read-group-c", **FAST)
+            def handle(events: list[sb.Event]) -> None:
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:  # no loop runs in this thread
+                    on_the_loop.append(False)
+                else:
+                    on_the_loop.append(True)
+
+            worker = AsyncWorker(broker, groups=["read-group-c"])
+            running = asyncio.ensure_future(worker.run(handle_signals=False))
+            async with asyncio.timeout(30):
+                while not on_the_loop:
+                    await asyncio.sleep(0.01)
+            await worker.stop()
+            return await running
+
+    assert asyncio.run(main()) == {"read-group-c": 1}
+    assert on_the_loop == [False]

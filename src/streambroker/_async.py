@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 from contextlib import suppress
+from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -30,20 +32,21 @@ class AsyncDriver:
     async def client(self, pool: str) -> redis.asyncio.Redis:
         """The client of ``pool``, made (and an embedded server started) on first use."""
         client = self._clients.get(pool)
-        if client is None:
-            making = self._making.get(pool)
-            if making is None:
-                making = asyncio.ensure_future(
-                    async_client(self._registry.pools[pool], self.options)
-                )
-                self._making[pool] = making
-            try:
-                client = await asyncio.shield(making)
-            finally:
-                if making.done():
-                    self._making.pop(pool, None)
-            self._clients[pool] = client
-        return client
+        if client is not None:
+            return client
+        making = self._making.get(pool)
+        if making is None:
+            making = asyncio.ensure_future(async_client(self._registry.pools[pool], self.options))
+            making.add_done_callback(partial(self._made, pool))
+            self._making[pool] = making
+        # Shielded: one caller's cancellation must not fail the others waiting for it.
+        return await asyncio.shield(making)
+
+    def _made(self, pool: str, making: asyncio.Task[redis.asyncio.Redis]) -> None:
+        # Kept even when every caller was cancelled meanwhile: close() closes it.
+        del self._making[pool]
+        if not making.cancelled() and making.exception() is None:
+            self._clients[pool] = making.result()
 
     async def run(
         self, op: fx.Op[T], handler: fx.AnyHandler | None = None, wake: asyncio.Event | None = None
@@ -52,15 +55,44 @@ class AsyncDriver:
 
         ``handler`` performs :class:`fx.Handle` effects (coroutine functions are awaited,
         other callables run in a worker thread); ``wake`` cuts :class:`fx.Sleep` short.
+
+        A cancellation of the task always reaches ``op``, thrown in at the effect in
+        progress, even when something below swallowed it (redis-py's writes do on Python
+        3.11; so may a handler): ``Task.cancelling()`` tells. A batch whose handler
+        returned (or ran on in its thread) is kept, though: ``op`` takes the result and
+        the cancellation comes at its next effect, or as ``op`` ends when it is stopping
+        anyway (``wake`` set), so that the batch is acknowledged.
         """
+        task = asyncio.current_task()
+        assert task is not None
+        cancels = task.cancelling()
+        held = False  # a cancellation that came while a batch was finished
         driving = fx.Driving(op)
         while not driving.done:
+            if held and not (wake is not None and wake.is_set()):
+                held = False
+                driving.resume(None, asyncio.CancelledError())
+                continue
+            effect = driving.effect
+            result: Any = None
+            error: BaseException | None = None
             try:
-                result = await self._perform(driving.effect, handler, wake)
+                result = await self._perform(effect, handler, wake)
             except BaseException as exc:
-                driving.resume(None, exc)
-            else:
+                error = exc
+            missed = task.cancelling() > cancels and not isinstance(error, asyncio.CancelledError)
+            cancels = task.cancelling()
+            if not missed:
+                driving.resume(result, error)
+            elif error is not None:
+                driving.resume(None, _cancellation(error))
+            elif isinstance(effect, fx.Handle):
+                held = True
                 driving.resume(result, None)
+            else:
+                driving.resume(None, asyncio.CancelledError())
+        if held:
+            raise asyncio.CancelledError
         return driving.result  # type: ignore[return-value]
 
     async def _perform(
@@ -71,7 +103,7 @@ class AsyncDriver:
         if isinstance(effect, fx.Parallel):
             return await self._parallel(effect)
         if isinstance(effect, fx.Sleep):
-            return await _sleep(effect.seconds, wake)
+            return await sleep(effect.seconds, wake)
         assert handler is not None
         return await self._handle(effect, handler)
 
@@ -81,17 +113,22 @@ class AsyncDriver:
             beating = asyncio.create_task(self._beat(effect))
         try:
             if inspect.iscoroutinefunction(handler):
-                result = await handler(effect.events)
-            else:
-                result = await asyncio.to_thread(handler, effect.events)
-                if inspect.isawaitable(result):
-                    result = await result
+                return await handler(effect.events)
+            # A thread cannot be interrupted: the batch in hand is finished first.
+            thread = asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, handler, effect.events
+            )
+            await _finish(thread)
+            result = thread.result()
+            if inspect.isawaitable(result):
+                result = await result
             return result
         finally:
             if beating is not None:
                 beating.cancel()
-                with suppress(asyncio.CancelledError):
-                    await beating
+                await _finish(beating)
+                if not beating.cancelled():
+                    beating.result()  # a fault of the heartbeat itself
 
     async def _beat(self, effect: fx.Handle) -> None:
         assert effect.heartbeat is not None
@@ -136,14 +173,34 @@ class AsyncDriver:
 
     async def close(self) -> None:
         """Close every connection."""
+        if self._making:
+            await asyncio.wait(list(self._making.values()))  # to close those clients too
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.aclose()
 
 
-async def _sleep(seconds: float, wake: asyncio.Event | None) -> None:
+async def sleep(seconds: float, wake: asyncio.Event | None) -> None:
+    """Wait ``seconds``, or less if ``wake`` is set meanwhile; a cancellation propagates."""
     if wake is None:
         await asyncio.sleep(seconds)
         return
+    # Not wait_for(): on Python 3.11 it drops a cancellation that races the wake-up.
     with suppress(TimeoutError):
-        await asyncio.wait_for(wake.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await wake.wait()
+
+
+async def _finish(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, through cancellations of the task: they stay
+    counted by ``Task.cancelling()``, and :meth:`AsyncDriver.run` delivers them."""
+    while not future.done():
+        with suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+
+
+def _cancellation(cause: BaseException) -> asyncio.CancelledError:
+    """The cancellation that came while an effect failed with ``cause``: it prevails."""
+    error = asyncio.CancelledError()
+    error.__cause__ = cause
+    return error

@@ -147,8 +147,9 @@ class AsyncConsumer(ConsumerFace):
         """Hand the group's events to ``handler`` (as :meth:`Consumer.consume`).
 
         Cancelling the task is a graceful stop: the batch in hand is finished, or left
-        pending if the handler itself was cancelled; acknowledgements go out and the
-        consumer name is released before the cancellation propagates.
+        pending if the handler itself was cancelled (a plain function, in its thread,
+        cannot be: it is waited for); acknowledgements go out and the consumer name is
+        released, then the cancellation propagates: the task ends cancelled.
         """
         self._core.check_count(count)
         self._wake = asyncio.Event()

@@ -25,7 +25,6 @@ threads) as tasks. Both share the planning (:func:`plan_consumers`), the counts
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import inspect
 import logging
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
+from ._async import sleep
 from .async_broker import AsyncBroker, AsyncConsumer
 from .backoff import backoff
 from .broker import Broker, Consumer, Handler
@@ -399,18 +399,7 @@ class Worker:
     # -- one consumer's thread ----------------------------------------------------
 
     def _handler(self, slot: _Slot[Consumer]) -> Handler:
-        function = slot.plan.handler.function
-
-        def handle(events: list[Event]) -> None:
-            started = time.monotonic()
-            try:
-                function(events)
-            except BaseException:
-                slot.handler_failed = True
-                raise
-            _handled(slot, self.counts, events, started)
-
-        return handle
+        return _recording(slot, self.counts)
 
     def _serve(self, slot: _Slot[Consumer]) -> None:
         handler = self._handler(slot)
@@ -431,6 +420,39 @@ class Worker:
         except BrokerError as exc:
             left = exc
         _report_leaving(slot, left)
+
+
+def _recording(slot: _Slot[Any], counts: HandledCounts) -> Handler:
+    """The slot's handler, counting what it handled and noting when it raised.
+
+    A coroutine function stays one (awaited); a plain function stays plain, so an
+    asyncio consumer runs it in a worker thread, off the event loop.
+    """
+    function = slot.plan.handler.function
+    if inspect.iscoroutinefunction(function):
+
+        async def handle_async(events: list[Event]) -> None:
+            started = time.monotonic()
+            try:
+                await function(events)
+            except BaseException:
+                slot.handler_failed = True
+                raise
+            _handled(slot, counts, events, started)
+
+        return handle_async
+
+    def handle(events: list[Event]) -> object:
+        started = time.monotonic()
+        try:
+            result = function(events)
+        except BaseException:
+            slot.handler_failed = True
+            raise
+        _handled(slot, counts, events, started)
+        return result
+
+    return handle
 
 
 def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], started: float) -> None:
@@ -556,8 +578,7 @@ class AsyncWorker:
         try:
             last = self.counts.snapshot()
             while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self.summary_interval)
+                await sleep(self.summary_interval, self._stopping)
                 if self._stopping.is_set():
                     break
                 now = self.counts.snapshot()
@@ -580,19 +601,7 @@ class AsyncWorker:
         return totals
 
     async def _serve(self, slot: _Slot[AsyncConsumer]) -> None:
-        function = slot.plan.handler.function
-
-        async def handle(events: list[Event]) -> None:
-            started = time.monotonic()
-            try:
-                result = function(events)
-                if inspect.isawaitable(result):
-                    await result
-            except BaseException:
-                slot.handler_failed = True
-                raise
-            _handled(slot, self.counts, events, started)
-
+        handle = _recording(slot, self.counts)
         while not self._stopping.is_set():
             slot.handler_failed = False
             try:
@@ -603,8 +612,7 @@ class AsyncWorker:
                     self._error = self._error or fatal
                     await self.stop()
                     return  # leaving would be refused too
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _failed(slot, exc))
+                await sleep(_failed(slot, exc), self._stopping)
         try:
             left: list[str] | BrokerError = await slot.consumer.leave()
         except BrokerError as exc:
