@@ -266,46 +266,33 @@ class NameStillTakenError(AssertionError):
     """The lease of a cancelled consumer outlived it."""
 
 
-@pytest.mark.parametrize("kind", ["coroutine", "thread"])
-def test_one_shot_cancelled_anywhere(
-    config: sb.ValidatedRegistry, server: Server, kind: str
-) -> None:
-    sweep(
-        lambda cancel: cancelled_run(
-            config, server, cancel, kind=kind, block=False, events=5, settings=QUICK
-        ),
-        None,
-    )
+SWEEPS = {
+    # name: (block, events, settings, beats, turns past the last handled event)
+    "one-shot": (False, 5, QUICK, False, None),
+    "blocking": (True, 5, QUICK, False, BLOCKING_EXTRA),
+    "heartbeats": (False, COUNT, BEATING, True, None),
+}
 
 
 @pytest.mark.parametrize("kind", ["coroutine", "thread"])
-def test_blocking_cancelled_anywhere(
-    config: sb.ValidatedRegistry, server: Server, kind: str
+@pytest.mark.parametrize("sweep_name", list(SWEEPS))
+def test_cancelled_anywhere(
+    config: sb.ValidatedRegistry, server: Server, kind: str, sweep_name: str
 ) -> None:
-    sweep(
-        lambda cancel: cancelled_run(
-            config, server, cancel, kind=kind, block=True, events=5, settings=QUICK
-        ),
-        BLOCKING_EXTRA,
-    )
-
-
-@pytest.mark.parametrize("kind", ["coroutine", "thread"])
-def test_cancelled_while_heartbeats_beat(
-    config: sb.ValidatedRegistry, server: Server, kind: str
-) -> None:
+    """One-shot, blocking, and with heartbeats beating while the handler runs."""
+    block, events, settings, beats, extra = SWEEPS[sweep_name]
     sweep(
         lambda cancel: cancelled_run(
             config,
             server,
             cancel,
             kind=kind,
-            block=False,
-            events=COUNT,
-            settings=BEATING,
-            beats=True,
+            block=block,
+            events=events,
+            settings=settings,
+            beats=beats,
         ),
-        None,
+        extra,
     )
 
 
