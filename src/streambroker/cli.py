@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -59,6 +60,27 @@ TAIL_COUNT = 100
 
 log = logging.getLogger("streambroker.cli")
 
+# Characters a terminal may act on instead of showing: C0 and C1 controls and DEL (escape
+# sequences, bells, carriage returns, newlines), line and paragraph separators, and the
+# bidirectional controls that reorder what is shown.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _safe(text: object) -> str:
+    """``text`` with each character a terminal could act on written as an escape
+    (``\\n``, ``\\r``, ``\\t``, else ``\\u001b`` and the like).
+
+    Every string that came from a server or an event goes through it before it is
+    printed. The escapes are those of JSON strings, so JSON text stays valid JSON.
+    """
+    return _UNSAFE.sub(lambda match: _ESCAPES.get(match[0]) or f"\\u{ord(match[0]):04x}", str(text))
+
+
+def _cell(text: object, style: str = "") -> Text:
+    """``text`` escaped, as a table cell whose Rich markup is not interpreted."""
+    return Text(_safe(text), style=style)
+
 
 class _Group(TyperGroup):
     """Turns an error of any command into one clear message and exit code 1."""
@@ -94,7 +116,7 @@ def error_lines(exc: BaseException) -> list[str]:
             text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
         first, *rest = text.splitlines() or [text]
         lines = [first, *(f"  {line}" for line in rest)]
-    return [f"streambroker: error: {lines[0]}", *lines[1:]]
+    return [_safe(f"streambroker: error: {lines[0]}"), *map(_safe, lines[1:])]
 
 
 app = typer.Typer(
@@ -180,8 +202,10 @@ def _broker(ctx: typer.Context, config: Path | None) -> Broker:
 
 
 def _print_json(value: object, *, compact: bool = False) -> None:
-    indent = None if compact else 2
-    print(json.dumps(value, indent=indent, ensure_ascii=False), flush=True)
+    # json.dumps escapes C0 controls in strings but leaves DEL, C1 and the rest raw; its
+    # only raw newlines are those of the indentation, so each line is escaped alone.
+    text = json.dumps(value, indent=None if compact else 2, ensure_ascii=False)
+    print("\n".join(map(_safe, text.split("\n"))), flush=True)
 
 
 def _plain(value: Any) -> Any:
@@ -197,7 +221,7 @@ def validate(ctx: typer.Context, config: ConfigPath = None) -> None:
     """Check the configuration; exit code 0 when it is valid, 1 with its problems."""
     path, registry = load_config(ctx, config)
     _console().print(
-        Text(
+        _cell(
             f"{path}: valid: {len(registry.pools)} pools, {len(registry.streams)} streams, "
             f"{len(registry.groups)} consumer groups"
         )
@@ -209,7 +233,9 @@ def validate(ctx: typer.Context, config: ConfigPath = None) -> None:
     table.add_column("consumer groups")
     for stream in registry.streams.values():
         address = registry.pools[stream.pool].display_address
-        table.add_row(stream.name, stream.pool, Text(address), ", ".join(stream.groups))
+        table.add_row(
+            _cell(stream.name), _cell(stream.pool), _cell(address), _cell(", ".join(stream.groups))
+        )
     _console().print(table)
 
 
@@ -247,13 +273,13 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
     table.add_column("alive")
     for stream in streams:
         table.add_row(
-            Text(f"{stream.stream} ({stream.pool})", style="bold"),
+            _cell(f"{stream.stream} ({stream.pool})", style="bold"),
             str(stream.length),
             _duration(stream.oldest_event_age),
         )
         for group in stream.groups:
             table.add_row(
-                f"  {group.group}",
+                _cell(f"  {group.group}"),
                 "",
                 "",
                 str(group.lag),
@@ -262,7 +288,7 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
             )
             for consumer in group.consumers:
                 table.add_row(
-                    Text(f"    {consumer.name}", style="dim"),
+                    _cell(f"    {consumer.name}", style="dim"),
                     "",
                     "",
                     "",
@@ -272,7 +298,7 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
                     "yes" if consumer.alive else "no",
                 )
         for orphan in stream.orphan_groups:
-            table.add_row(Text(f"  {orphan} (not registered)", style="dim"))
+            table.add_row(_cell(f"  {orphan} (not registered)", style="dim"))
     return table
 
 
@@ -392,7 +418,7 @@ def publish(
     tags = _parse_meta(meta or [])
     with _broker(ctx, config) as broker:
         if body is not None:
-            print(broker.publish(stream, _parse_body(body, as_json, "the body"), tags))
+            print(_safe(broker.publish(stream, _parse_body(body, as_json, "the body"), tags)))
             return
         batch = broker.batch()
         for number, line in enumerate(sys.stdin, start=1):
@@ -401,9 +427,9 @@ def publish(
                 continue
             batch.publish(stream, _parse_body(text, as_json, f"line {number}"), tags)
             if len(batch) >= STDIN_BATCH:
-                print("\n".join(batch.flush()), flush=True)
+                print("\n".join(map(_safe, batch.flush())), flush=True)
         if len(batch):
-            print("\n".join(batch.flush()), flush=True)
+            print("\n".join(map(_safe, batch.flush())), flush=True)
 
 
 # -- tail -----------------------------------------------------------------------------
@@ -423,23 +449,23 @@ def event_record(event: Event) -> dict[str, Any]:
 def _content(record: dict[str, Any]) -> str:
     """The meta tags (``key=value``) and the body (as JSON) of an event record."""
     if "error" in record:
-        return f"<cannot decode: {record['error']}>"
+        return _safe(f"<cannot decode: {record['error']}>")
     tags = [f"{key}={value}" for key, value in record["meta"].items()]
-    return " ".join([*tags, json.dumps(record["body"], ensure_ascii=False)])
+    return _safe(" ".join([*tags, json.dumps(record["body"], ensure_ascii=False)]))
 
 
 def event_line(event: Event, as_json: bool = False) -> str:
     """One event as a line: ``stream id key=value … body`` (the body as JSON), or as
-    the JSON object of :func:`event_record`."""
+    the JSON object of :func:`event_record`; control characters are escaped."""
     record = event_record(event)
     if as_json:
-        return json.dumps(record, ensure_ascii=False)
-    return f"{event.stream} {event.id} {_content(record)}"
+        return _safe(json.dumps(record, ensure_ascii=False))
+    return _safe(f"{event.stream} {event.id} ") + _content(record)
 
 
 def _tail_read_only(broker: Broker, stream: str, limit: int | None, as_json: bool) -> None:
     after = broker.stream_stats(stream).last_id
-    print(f"tailing {stream} (read-only); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(_safe(f"tailing {stream} (read-only); Ctrl-C to stop"), file=sys.stderr, flush=True)
     printed = 0
     try:
         while limit is None or printed < limit:
@@ -461,7 +487,7 @@ def _tail_group(broker: Broker, group: str, name: str, limit: int | None, as_jso
     consumer = broker.consumer(group, name)
     streams = ", ".join(broker.registry.groups[group])
     print(
-        f"tailing {streams} as consumer {name} of group {group}; Ctrl-C to stop",
+        _safe(f"tailing {streams} as consumer {name} of group {group}; Ctrl-C to stop"),
         file=sys.stderr,
         flush=True,
     )
@@ -484,8 +510,10 @@ def _tail_group(broker: Broker, group: str, name: str, limit: int | None, as_jso
         consumer.consume(show, count=min(10, limit or 10))
     except _CountReachedError:
         print(
-            f"the events consumer {name} read beyond --count stay pending: they are delivered "
-            "again, to it when it runs again or to another consumer of the group",
+            _safe(
+                f"the events consumer {name} read beyond --count stay pending: they are "
+                "delivered again, to it when it runs again or to another consumer of the group"
+            ),
             file=sys.stderr,
         )
         return
@@ -644,7 +672,7 @@ def gc(
                 when = f"{datetime.now():%H:%M:%S} " if watch else ""
                 total = sum(removed.values())
                 detail = ", ".join(f"{stream} {n}" for stream, n in removed.items())
-                print(f"{when}removed {total} events: {detail}", flush=True)
+                print(_safe(f"{when}removed {total} events: {detail}"), flush=True)
 
         if watch:
             _repeat(lambda: collect(always=False), interval, iterations)
@@ -666,7 +694,7 @@ def claim(
     """Move every pending event of consumer FROM to consumer TO (when scaling down)."""
     with _broker(ctx, config) as broker:
         moved = broker.consumer(group).claim(from_name, to_name, force=force)
-    print(f"moved {moved} pending events of group {group} from {from_name} to {to_name}")
+    print(_safe(f"moved {moved} pending events of group {group} from {from_name} to {to_name}"))
 
 
 def _letter_json(letter: DeadLetter) -> dict[str, Any]:
@@ -703,21 +731,23 @@ def dead_letters(
             if json_output:
                 _print_json({"replayed": replayed})
             else:
-                print(f"replayed {replayed} dead letters of {stream} to group {group}")
+                print(_safe(f"replayed {replayed} dead letters of {stream} to group {group}"))
             return
         letters = broker.dead_letters(stream, group, limit)
     if json_output:
         _print_json([_letter_json(letter) for letter in letters])
         return
     if not letters:
-        print(f"no dead letters of {stream} in group {group}")
+        print(_safe(f"no dead letters of {stream} in group {group}"))
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
     for column in ("event id", "deliveries", "error", "event"):
         table.add_column(column, overflow="fold")
     for letter in letters:
         content = _content(event_record(letter.event))
-        table.add_row(letter.event.id, str(letter.deliveries), Text(letter.error), Text(content))
+        table.add_row(
+            _cell(letter.event.id), str(letter.deliveries), _cell(letter.error), Text(content)
+        )
     _console().print(table)
 
 
