@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import SplitResult, parse_qs, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .errors import ConfigError
 
@@ -83,6 +83,8 @@ class PoolSpec:
     port: int | None = None
     url: str | None = field(default=None, repr=False)
     data_dir: str | None = None
+    #: Why TLS certificates or host names of this pool are not checked, when they are not.
+    tls_warning: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def display_address(self) -> str:
@@ -326,36 +328,139 @@ def _parse_address(pool: str, address: object, db: object, data_dir: object) -> 
                 f"cannot parse address {_mask_url(address)!r}: the URL scheme must be one "
                 f"of {', '.join(_URL_SCHEMES)}"
             )
-        url_db = _check_url(urlsplit(address))
+        url_db, tls_warning = _check_url(address)
         if db is not None and url_db is not None and db != url_db:
             raise ValueError(f"the URL selects db {url_db} but db={db} was given")
         chosen = url_db if url_db is not None else (db or 0)
-        return PoolSpec(pool, "url", db=chosen, url=address)
+        return PoolSpec(pool, "url", db=chosen, url=address, tls_warning=tls_warning)
     return _parse_host_port(pool, address, db)
 
 
-def _check_url(parts: SplitResult) -> int | None:
+def _check_url(url: str) -> tuple[int | None, str | None]:
+    """The db a URL selects and why it turns TLS verification off (None when it does not)."""
+    shown = _mask_url(url)
+    parts = urlsplit(url)
+    if "#" in url or "@" in parts.path + parts.query:
+        # What follows such a character may be the rest of a password: never parse it.
+        raise ValueError(
+            f"the URL {shown!r} holds '#', or '@' after its host: write '/', '?', '#' and '@' "
+            "in a user name or password as %2F, %3F, %23 and %40"
+        )
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"the port in {_mask_url(parts.geturl())!r} is not valid") from None
+        raise ValueError(f"the port in {shown!r} is not valid") from None
     del port
-    query_db = parse_qs(parts.query).get("db")
+    query = _check_query(parts.scheme, parts.query)
+    query_db = query.get("db")
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// URL needs a socket path")
-        return _parse_int(query_db[0], "db", 0) if query_db else None
+        return (_parse_int(query_db, "db", 0) if query_db else None), None
     if not parts.hostname:
-        raise ValueError(f"the URL {_mask_url(parts.geturl())!r} has no host")
+        raise ValueError(f"the URL {shown!r} has no host")
     path = parts.path.strip("/")
     path_db = _parse_int(path, "db", 0) if path else None
+    tls_warning = _tls_warning(query)
     if not query_db:
-        return path_db
+        return path_db, tls_warning
     # redis-py lets ?db= win over the path; refuse a URL that says both, differently.
-    url_db = _parse_int(query_db[0], "db", 0)
+    url_db = _parse_int(query_db, "db", 0)
     if path_db is not None and path_db != url_db:
         raise ValueError(f"the URL selects db {path_db} in its path but db={url_db} in its query")
-    return url_db
+    return url_db, tls_warning
+
+
+def _check_seconds(value: str) -> str | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return "is not a number of seconds"
+    return None if 0 < seconds < float("inf") else "must be a positive number of seconds"
+
+
+def _check_boolean(value: str) -> str | None:
+    # redis-py reads any other text (``off``, ``disabled``) as true: refuse it.
+    return None if value.lower() in _BOOLEANS else "must be true or false (or yes/no, 1/0)"
+
+
+def _check_cert_reqs(value: str) -> str | None:
+    return None if value in _CERT_REQS else f"must be one of {', '.join(_CERT_REQS)}"
+
+
+def _check_client_name(value: str) -> str | None:
+    # Redis refuses a connection name holding spaces or other characters outside ! to ~.
+    ok = all("!" <= c <= "~" for c in value)
+    return None if ok else "may hold only visible ASCII characters (no spaces)"
+
+
+def _check_text(value: str) -> str | None:
+    return None
+
+
+_FALSE = ("false", "no", "0")
+_BOOLEANS = ("true", "yes", "1", *_FALSE)
+_CERT_REQS = ("none", "optional", "required")
+_SECRET_PARAMETERS = ("password", "ssl_password")
+_Check = Callable[[str], str | None]
+#: The URL query parameters a pool accepts, each with its check; the TLS ones need rediss://.
+_URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
+    {
+        "db": _check_text,  # checked with the path's db
+        "username": _check_text,
+        "password": _check_text,
+        "client_name": _check_client_name,
+        "socket_timeout": _check_seconds,
+        "socket_connect_timeout": _check_seconds,
+    }
+)
+_TLS_URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
+    {
+        "ssl_cert_reqs": _check_cert_reqs,
+        "ssl_check_hostname": _check_boolean,
+        "ssl_ca_certs": _check_text,
+        "ssl_ca_path": _check_text,
+        "ssl_certfile": _check_text,
+        "ssl_keyfile": _check_text,
+        "ssl_password": _check_text,
+    }
+)
+
+
+def _check_query(scheme: str, query: str) -> dict[str, str]:
+    """The parameters of a URL's query, each checked; a bad one raises naming it."""
+    values: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        check = _URL_PARAMETERS.get(name) or _TLS_URL_PARAMETERS.get(name)
+        if check is None and any(secret in values for secret in _SECRET_PARAMETERS):
+            # It may be the rest of a password holding '&': do not name it.
+            raise ValueError(
+                "the URL holds a parameter that is not accepted after a password "
+                "(write '&' in a password as %26)"
+            )
+        if check is None:
+            accepted = ", ".join([*_URL_PARAMETERS, *_TLS_URL_PARAMETERS])
+            raise ValueError(f"the URL parameter {name!r} is not accepted (accepted: {accepted})")
+        if name in _TLS_URL_PARAMETERS and scheme != "rediss":
+            raise ValueError(f"the URL parameter {name!r} applies only to rediss:// URLs")
+        if name in values:
+            raise ValueError(f"the URL parameter {name!r} is given twice")
+        if not value:
+            raise ValueError(f"the URL parameter {name!r} has no value")
+        problem = check(value)
+        if problem:
+            shown = "***" if name in _SECRET_PARAMETERS else repr(value)
+            raise ValueError(f"the URL parameter {name}={shown} {problem}")
+        values[name] = value
+    return values
+
+
+def _tls_warning(query: Mapping[str, str]) -> str | None:
+    if query.get("ssl_cert_reqs") == "none":
+        return "ssl_cert_reqs=none: the server's TLS certificate is not verified"
+    if query.get("ssl_check_hostname", "true").lower() in _FALSE:
+        return "ssl_check_hostname=false: the server's TLS certificate may name another host"
+    return None
 
 
 def _parse_host_port(pool: str, address: str, db: object) -> PoolSpec:
@@ -387,19 +492,36 @@ def _resolve_dir(directory: object) -> str | None:
 
 
 def _mask_url(url: str) -> str:
-    """Replace the password of a URL by ``***``, in its user info and in its query.
+    """Mask the credentials of a URL by ``***``, in its user info and in its query.
 
-    The user info ends at the last ``@`` of the authority, as in :func:`urlsplit`
-    (so a password holding ``@`` is masked whole); redis-py also reads ``password=``
-    from the query.
+    The user info ends at the last ``@`` (so a password holding an unencoded ``@``,
+    ``/``, ``?`` or ``#`` is masked whole, even in a URL that cannot be parsed); the
+    ``password`` and ``ssl_password`` parameters are masked however their names are
+    encoded, with what follows them up to the next accepted parameter (the rest of a
+    password holding ``&``), and so is anything after a ``#``.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:cut], rest[cut:]
-    userinfo, at, hostport = authority.rpartition("@")
-    if at and ":" in userinfo:
-        authority = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    tail = re.sub(r"([?&;]password=)[^&;#]*", r"\1***", tail, flags=re.IGNORECASE)
-    return f"{scheme}://{authority}{tail}"
+    userinfo, at, rest = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if any(c in user for c in "/?#"):
+            userinfo = "***"
+        elif colon:
+            userinfo = f"{user}:***"
+    rest, hash_sign, _ = rest.partition("#")
+    head, question, query = rest.partition("?")
+    masked: list[str] = []
+    in_secret = False
+    for part in query.split("&") if question else ():
+        name = unquote_plus(part.partition("=")[0])
+        if name.lower() in _SECRET_PARAMETERS:
+            in_secret = True
+            masked.append(f"{part.partition('=')[0]}=***")
+        elif not (in_secret and name not in _URL_PARAMETERS and name not in _TLS_URL_PARAMETERS):
+            in_secret = False
+            masked.append(part)
+    return (
+        f"{scheme}://{userinfo}{at}{head}{question}{'&'.join(masked)}{'#***' if hash_sign else ''}"
+    )

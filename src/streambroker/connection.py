@@ -11,6 +11,7 @@ back-off and a log line themselves.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +25,8 @@ from .config import PoolSpec
 from .embedded import EmbeddedServer
 
 __all__ = ["ConnectionOptions", "async_client", "client_kwargs", "sync_client"]
+
+log = logging.getLogger("streambroker")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,13 @@ ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
     if spec.kind == "url":
         assert spec.url is not None
+        if spec.tls_warning:
+            log.warning(
+                "redis pool %s (%s): TLS verification is off (%s)",
+                spec.name,
+                spec.display_address,
+                spec.tls_warning,
+            )
         return cls.from_url(spec.url, **kwargs)
     return cls(**kwargs)
 
