@@ -189,3 +189,41 @@ def test_a_worker_whose_user_is_refused_exits_at_once_with_one_line(
     assert ": XREADGROUP GROUP read-group-" in errors[0]
     assert "no permissions to run the 'xreadgroup' command" in errors[0]
     assert users.passwords[0] not in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("rules", "denied"),
+    [
+        (("-exists",), "EXISTS"),  # the lease read: a stopped consumer must not look alive
+        (("-eval",), "eval"),  # the lag count, needed after a deletion mid-stream
+    ],
+)
+def test_stats_surface_a_denied_read(
+    server: Server, open_broker: OpenBroker, users: Users, rules: tuple[str, ...], denied: str
+) -> None:
+    admin = server.client()
+    with open_broker(users.config()) as owner:
+        ids = [owner.publish("stream-a", n) for n in range(3)]
+        owner.consumer("read-group-a", "stopped").consume(lambda events: None, count=1, block=False)
+    admin.xdel("stream-a", ids[1])  # the server no longer knows the lag
+    with (
+        open_broker(users.config(*rules)) as broker,
+        pytest.raises(sb.PoolPermissionError) as caught,
+    ):
+        broker.stats("stream-a")
+    assert "cannot read the statistics of stream 'stream-a'" in str(caught.value)
+    assert denied.lower() in str(caught.value).lower()
+
+
+def test_stats_show_names_that_are_not_utf8(server: Server, open_broker: OpenBroker) -> None:
+    config = sb.Registry.from_yaml(
+        SEED_YAML_TEMPLATE.format(default=f"{server.address}:0", second=f"{server.address}:3")
+    ).validate()
+    with open_broker(config) as broker:
+        broker.publish("stream-a", 1)
+        server.client().execute_command(
+            "XGROUP", "CREATECONSUMER", "stream-a", "read-group-a", b"bad\xffname"
+        )
+        (stream,) = broker.stats("stream-a")
+    group = next(g for g in stream.groups if g.group == "read-group-a")
+    assert [c.name for c in group.consumers] == ["bad\\xffname"]

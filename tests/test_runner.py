@@ -344,6 +344,17 @@ def test_load_app_imports_from_the_current_directory(app_dir: Path) -> None:
         load_app(f"{name}:services.nope")
 
 
+def test_load_app_without_the_current_directory(app_dir: Path) -> None:
+    name = module(app_dir, "broker = None\n")
+    cwd = os.getcwd()
+    sys.path[:] = [entry for entry in sys.path if entry not in ("", cwd)]
+    with pytest.raises(sb.InvalidArgumentError, match=f"no module named '{name}'"):
+        load_app(f"{name}:broker", cwd=False)
+    assert cwd not in sys.path  # left alone: a file here cannot shadow an installed module
+    with pytest.raises(sb.InvalidArgumentError, match="is a NoneType, not a streambroker"):
+        load_app(f"{name}:broker")  # by default the current directory comes first
+
+
 def test_load_app_chains_the_error_of_the_module(app_dir: Path) -> None:
     failing = module(app_dir, "import json\njson.loads('{')\n")
     missing_dependency = module(app_dir, "import sbapp_missing_dependency\n")

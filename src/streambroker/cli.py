@@ -610,19 +610,26 @@ def worker(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    cwd: Annotated[
+        bool,
+        typer.Option(
+            "--cwd/--no-cwd",
+            help="Look MODULE up in the current directory first (put it first on sys.path).",
+        ),
+    ] = True,
 ) -> None:
     """Run the handlers registered on a broker until SIGTERM or Ctrl-C.
 
-    Imports MODULE (from the current directory too) and runs the handlers registered
-    on APP with @broker.handler(group): N consumers per group. On SIGTERM or SIGINT
-    it stops every consumer once its batch in hand is handled, and exits.
+    Imports MODULE (from the current directory first, unless --no-cwd) and runs the
+    handlers registered on APP with @broker.handler(group): N consumers per group. On
+    SIGTERM or SIGINT it stops every consumer once its batch in hand is handled, and exits.
     """
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
         raise typer.BadParameter(f"{log_level!r} is not a log level", param_hint="--log-level")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger().setLevel(level)
-    broker = load_app(app_spec)
+    broker = load_app(app_spec, cwd=cwd)
     settings: dict[str, Any] = {
         "groups": groups or [],
         "consumers": consumers,

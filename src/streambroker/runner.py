@@ -70,10 +70,12 @@ SUMMARY_INTERVAL = 60.0
 _SIGNAL_POLL = 0.1
 
 
-def load_app(spec: str) -> Broker | AsyncBroker:
+def load_app(spec: str, *, cwd: bool = True) -> Broker | AsyncBroker:
     """Import ``MODULE:APP`` and return the broker (sync or asyncio) it names.
 
-    The module is looked up in the current directory too (it is added to ``sys.path``);
+    The module is looked up in the current directory first (it is put first on
+    ``sys.path``; ``cwd=False`` leaves ``sys.path`` alone, so a file there cannot shadow
+    an installed module);
     ``APP`` may be a dotted path (``module:services.broker``). Raises
     :class:`~streambroker.InvalidArgumentError` saying what is wrong; an error the
     module raises while it is imported is chained to it.
@@ -81,9 +83,9 @@ def load_app(spec: str) -> Broker | AsyncBroker:
     module_name, colon, attribute = spec.partition(":")
     if not (colon and module_name and attribute):
         raise InvalidArgumentError(f"{spec!r} is not MODULE:APP (e.g. myapp.events:broker)")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    here = os.getcwd()
+    if cwd and here not in sys.path:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except BrokerError:

@@ -71,6 +71,11 @@ class StreamStats:
     orphan_groups: tuple[str, ...]
 
 
+def _name(raw: bytes) -> str:
+    """A group or consumer name read from the server (any bytes another client wrote)."""
+    return raw.decode(errors="backslashreplace")
+
+
 def _table(flat: list[Any]) -> dict[str, Any]:
     return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -166,7 +171,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         now_ms = seconds * 1000 + micros // 1000
         info = _table(reply[1])
         first_entry = info.get("first-entry")
-        on_server = {(row := _table(flat))["name"].decode(): row for flat in reply[2]}
+        on_server = {_name((row := _table(flat))["name"]): row for flat in reply[2]}
         groups = [
             _draft(group, now_ms, on_server.get(group, {}), reply[3 + 4 * i : 7 + 4 * i])
             for i, group in enumerate(plan.groups)
@@ -177,7 +182,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
                 last = draft.stats.last_delivered_id
                 follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.stream, last, LAG_COUNT_LIMIT))
             follow_up += [
-                ("EXISTS", lease_key(draft.stats.group, row["name"].decode()))
+                ("EXISTS", lease_key(draft.stats.group, _name(row["name"])))
                 for row in draft.consumers
             ]
         stream = StreamStats(
@@ -195,13 +200,13 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
     answers = yield from _run(second)
     result = []
     for (stream, groups), answer in zip(drafts, answers, strict=True):
-        values = iter(answer)
+        values = iter([_check(stream.pool, stream.stream, value) for value in answer])
         finished = []
         for draft in groups:
             lag = draft.stats.lag if draft.lag_known else draft.stats.lag + int(next(values))
             consumers = tuple(
                 ConsumerStats(
-                    name=row["name"].decode(),
+                    name=_name(row["name"]),
                     pending=int(row["pending"]),
                     idle=int(row["idle"]) / 1000,
                     alive=bool(next(values)),
