@@ -262,6 +262,16 @@ def sweep(run: Callable[[Cancel], Coroutine[Any, Any, str]], after_drain: int | 
         raise NameStillTakenError(f"the name stayed taken after: {'; '.join(taken)}")
 
 
+async def cancel_after(task: asyncio.Task[Any], turns: int) -> None:
+    """Cancel ``task`` after ``turns`` loop turns; it must end, cancelled, in time."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=DEADLINE)
+    assert done
+    assert task.cancelled(), f"the task ended {task.exception() or task.result()!r}"
+
+
 class NameStillTakenError(AssertionError):
     """The lease of a cancelled consumer outlived it."""
 
@@ -433,12 +443,7 @@ def test_a_cancel_racing_stop_in_a_retry_wait(
             server.client(3).xgroup_destroy("stream-c", GROUP)
             await asyncio.wait_for(waiting.wait(), DEADLINE)
             await consumer.stop()
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=DEADLINE)
-            assert done
-            assert task.cancelled(), f"the task ended {task.exception() or task.result()!r}"
+            await cancel_after(task, turns)
             assert not server.client(3).exists(LEASE)
 
     logger = logging.getLogger("streambroker.consumer")
@@ -510,12 +515,7 @@ def test_a_worker_cancelled_as_it_stops_ends_cancelled(
             task = asyncio.create_task(worker.run(handle_signals=False))
             await until(lambda: server.client(3).keys("sb:lease:*"), "the consumer to start")
             await worker.stop()
-            for _ in range(turns):
-                await asyncio.sleep(0)
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=DEADLINE)
-            assert done
-            assert task.cancelled(), f"the worker ended {task.exception() or task.result()!r}"
+            await cancel_after(task, turns)
             assert not server.client(3).keys("sb:lease:*")
 
     asyncio.run(main())

@@ -310,7 +310,7 @@ def test_a_slow_handler_of_ten_thousand_keeps_and_acks_them(
         time.sleep(0.7)  # past retry_after, and past the share of it acked unchecked
         handler(events)
 
-    consumer = broker.consumer("read-group-c", "w", **{**FAST, "retry_after": 0.5, "lease": 1})
+    consumer = broker.consumer("read-group-c", "w", **{**FAST, "retry_after": 0.5, "lease": 3})
     assert consumer.consume(slow, count=MANY, block=False) == MANY
     assert sorted(handler.deliveries) == sorted((i, 1) for i in ids)
     assert server.client(3).xpending("stream-c", "read-group-c")["pending"] == 0

@@ -18,7 +18,7 @@ import streambroker as sb
 from streambroker.keys import dead_letter_key, lease_key
 from streambroker.leases import LEASE_RETAKEN, acquire_command, renew_command
 
-from .conftest import OpenBroker, Server
+from .conftest import OpenBroker, Server, wait_for
 
 #: What the message of every OutOfMemoryError says after naming what was refused.
 OOM_TEXT = (
@@ -186,3 +186,44 @@ def test_leases_are_taken_and_renewed_without_memory(memory: Memory, server: Ser
     assert admin.get(key) == b"token"
     assert 0 < admin.pttl(key) <= 30_000
     assert admin.execute_command(*renew_command("g", "c", "other", 30_000)) == 0
+
+
+def test_a_dead_letter_waits_in_the_consumer_until_the_server_has_memory(
+    memory: Memory, server: Server, open_broker: OpenBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="streambroker")
+    config = sb.Registry.from_yaml(
+        f"default:\n  redis: {server.address}:0\n  streams:\n    stream-a: [read-group-a]\n"
+    ).validate()
+    broker = open_broker(config)
+    poison = broker.publish("stream-a", "poison")
+    memory.exhaust()
+    consumer = broker.consumer("read-group-a", "w", max_deliveries=1)
+
+    def refuse(events: list[sb.Event]) -> None:
+        for event in events:
+            event.fail("no")
+
+    thread = threading.Thread(target=consumer.consume, args=(refuse,), kwargs={"count": 1})
+    thread.start()
+    try:
+        wait_for(
+            lambda: any("dead letters wait" in r.getMessage() for r in caplog.records),
+            timeout=30,
+            what="the warning that the dead letter waits",
+        )
+        assert server.client().xlen(dead_letter_key("stream-a", "read-group-a")) == 0
+        assert server.client().xpending("stream-a", "read-group-a")["pending"] == 1  # kept
+        memory.limit(0)  # memory again: a next round trip writes it
+        wait_for(
+            lambda: broker.dead_letters("stream-a", "read-group-a"),
+            timeout=30,
+            what="the dead letter",
+        )
+    finally:
+        consumer.stop()
+        thread.join(timeout=30)
+    (letter,) = broker.dead_letters("stream-a", "read-group-a")
+    assert letter.event.id == poison
+    assert letter.error == "RuntimeError: no"
+    assert server.client().xpending("stream-a", "read-group-a")["pending"] == 0

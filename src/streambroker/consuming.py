@@ -247,12 +247,14 @@ class ConsumerCore:
                     text = str(exc)
                     log.log(
                         logging.DEBUG if text == reported else logging.WARNING,
-                        "consumer %s of group %s: %s; trying again in %.1f s (and on, with "
-                        "back-off, for as long as it takes)",
+                        "consumer %s of group %s: %s; trying again in %.1f s (%s)",
                         self.name,
                         self.group,
                         text,
                         delay,
+                        "and on, with back-off, for as long as it takes"
+                        if block
+                        else f"attempt {failures} of {ONE_SHOT_ATTEMPTS}",
                     )
                     reported = text
                     yield Sleep(delay)

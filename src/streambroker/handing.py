@@ -60,7 +60,7 @@ def batch_limit(deliveries: int, count: int, max_deliveries: int) -> int:
     """The most events a batch holding an event of ``deliveries`` deliveries may have."""
     if deliveries >= max_deliveries:
         return 1
-    return max(1, count >> (deliveries - 1)) if deliveries < 64 else 1
+    return max(1, count >> (deliveries - 1))
 
 
 def batches(events: Sequence[Event], count: int, max_deliveries: int) -> Iterator[list[Event]]:

@@ -24,9 +24,16 @@ def spawn_consumers(scenario: Scenario) -> None:
             scenario.spawn(group, f"{group}-{i}")
 
 
-def restart_server(scenario: Scenario, server: Server, *, persistent: bool, down: float) -> int:
-    """SIGKILL and restart ``server`` a few times while events flow (without persistence,
-    marking each loss of data); returns the events published ok before the last restart."""
+def restarted_server(
+    own_server: MakeServer, make_scenario: MakeScenario, *, persistent: bool, down: float
+) -> tuple[Scenario, int]:
+    """A scenario on a server of its own, SIGKILLed and restarted a few times while events
+    flow (without persistence, marking each loss of data); the scenario, and the events
+    published ok before the last restart."""
+    server = own_server(*(AOF_PERSISTENCE if persistent else NO_PERSISTENCE))
+    scenario = make_scenario(server)
+    spawn_consumers(scenario)
+    scenario.wait_running()
     scenario.produce(rate=250)
     for _ in range(max(2, round(scaled(2)))):
         scenario.run_for(0.8)
@@ -36,17 +43,13 @@ def restart_server(scenario: Scenario, server: Server, *, persistent: bool, down
         if down:
             scenario.run_for(down)
         server.start()
-    return scenario.producers[0].counts[OK]
+    return scenario, scenario.producers[0].counts[OK]
 
 
 def test_server_killed_and_restarted_with_append_only_persistence(
     own_server: MakeServer, make_scenario: MakeScenario
 ) -> None:
-    server = own_server(*AOF_PERSISTENCE)
-    scenario = make_scenario(server)
-    spawn_consumers(scenario)
-    scenario.wait_running()
-    restart_server(scenario, server, persistent=True, down=0.3)
+    scenario, _ = restarted_server(own_server, make_scenario, persistent=True, down=0.3)
     scenario.run_for(0.8)
     report = scenario.finish()
     # The outages were felt, and yet every publish that succeeded was handled.
@@ -59,11 +62,7 @@ def test_server_killed_and_restarted_with_append_only_persistence(
 def test_server_restarted_without_persistence(
     own_server: MakeServer, make_scenario: MakeScenario
 ) -> None:
-    server = own_server(*NO_PERSISTENCE)
-    scenario = make_scenario(server)
-    spawn_consumers(scenario)
-    scenario.wait_running()
-    published = restart_server(scenario, server, persistent=False, down=0.0)
+    scenario, published = restarted_server(own_server, make_scenario, persistent=False, down=0.0)
     scenario.run_for(1.0)
     report = scenario.finish()
     # After the last loss, the groups came back and what was published was handled.
