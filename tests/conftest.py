@@ -23,6 +23,8 @@ from .servers import SERVER_KINDS, ServerProcess, free_port, server_binary
 
 __all__ = ["Server", "free_port"]
 
+pytest_plugins = ["pytester"]
+
 #: A server of the tests (see :class:`ServerProcess`).
 Server = ServerProcess
 FACES = ("sync", "async")

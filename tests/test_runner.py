@@ -403,3 +403,45 @@ def test_the_async_worker_runs_plain_functions_off_the_event_loop(server: Server
 
     assert asyncio.run(main()) == {"read-group-c": 1}
     assert on_the_loop == [False]
+
+
+def test_running_cancels_a_handler_still_busy_after_the_grace_period(server: Server) -> None:
+    config = seed_registry(f"{server.address}:0", f"{server.address}:3")
+    started = asyncio.Event()
+
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            await broker.publish("stream-c", "slow")
+
+            @broker.handler("read-group-c", **FAST)
+            async def handle(events: list[sb.Event]) -> None:
+                started.set()
+                await asyncio.sleep(3600)
+
+            async with asyncio.timeout(30), AsyncWorker(broker).running(grace=0.2):
+                await started.wait()
+
+    asyncio.run(main())
+    # Cancelled in the handler: the event was not acknowledged, so it is delivered again.
+    assert server.client(3).xpending("stream-c", "read-group-c")["pending"] == 1
+
+
+def test_running_raises_what_stopped_the_worker(server: Server) -> None:
+    url = f"redis://nobody:wrong@{server.address}"
+    config = seed_registry(f"{url}/0", f"{url}/3")
+
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            broker.handler("read-group-c", **FAST)(_ignore)
+            with pytest.raises(sb.PoolAuthenticationError):
+                async with asyncio.timeout(30), AsyncWorker(broker).running():
+                    await asyncio.sleep(0.5)
+            with pytest.raises(sb.InvalidArgumentError, match="grace must be a positive"):
+                async with AsyncWorker(broker).running(grace=0):
+                    pass
+
+    asyncio.run(main())
+
+
+async def _ignore(events: list[sb.Event]) -> None:
+    del events

@@ -32,6 +32,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .events import Event
+from .runner import AsyncWorker, Worker
 from .stats import ConsumerStats, GroupStats, StreamStats
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncBroker",
     "AsyncConsumer",
     "AsyncHandler",
+    "AsyncWorker",
     "Batch",
     "Broker",
     "BrokerError",
@@ -75,5 +77,6 @@ __all__ = [
     "UnknownGroupError",
     "UnknownStreamError",
     "ValidatedRegistry",
+    "Worker",
     "__version__",
 ]

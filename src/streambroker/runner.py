@@ -25,6 +25,7 @@ threads) as tasks. Both share the planning (:func:`plan_consumers`), the counts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import logging
@@ -34,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Generic, TypeVar
@@ -202,11 +203,9 @@ def _summary(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{group} {count}" for group, count in counts.items())
 
 
-def _positive_interval(seconds: object) -> float:
+def _positive_interval(seconds: object, what: str = "summary_interval") -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-        raise InvalidArgumentError(
-            f"summary_interval must be a positive number of seconds, got {seconds!r}"
-        )
+        raise InvalidArgumentError(f"{what} must be a positive number of seconds, got {seconds!r}")
     return float(seconds)
 
 
@@ -563,6 +562,29 @@ class AsyncWorker:
         self._stopping.set()
         for slot in self._slots:
             await slot.consumer.stop()
+
+    @contextlib.asynccontextmanager
+    async def running(self, grace: float = 10.0) -> AsyncIterator[AsyncWorker]:
+        """Run the worker in a task while the block runs, e.g. a web app's lifespan.
+
+        On leaving, the consumers stop gracefully: the batch in hand is handled and
+        acknowledged, and they leave their groups. After ``grace`` seconds the ones
+        still running are cancelled (their unacknowledged events stay pending, and are
+        delivered again). Raises the :attr:`error` that stopped the worker, if one did.
+        """
+        grace = _positive_interval(grace, "grace")
+        task = asyncio.create_task(self.run(handle_signals=False))
+        try:
+            yield self
+        finally:
+            await self.stop()
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                log.warning("worker still running %g s after stop: cancelling it", grace)
+                task.cancel()
+                await asyncio.wait({task})
+            if not task.cancelled():
+                task.result()
 
     async def run(self, handle_signals: bool | None = None) -> dict[str, int]:
         """Run until :meth:`stop`, SIGTERM or SIGINT; returns the counts per group.
