@@ -7,7 +7,10 @@ redis-py client.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +235,9 @@ def test_error_classes_are_broker_errors() -> None:
         ("json", {(1, 2): "tuple keys are not JSON"}),
         ("msgpack", 2**64),
         ("msgpack", "lone surrogate \udc80"),
+        ("json", float("nan")),
+        ("json", {"prices": [1.0, float("inf")]}),
+        ("json", Order(1, "x", [float("-inf")])),
     ],
     ids=[
         "msgpack-object",
@@ -240,6 +246,9 @@ def test_error_classes_are_broker_errors() -> None:
         "json-tuple-key",
         "big-int",
         "surrogate",
+        "json-nan",
+        "json-inf-nested",
+        "json-inf-dataclass",
     ],
 )
 def test_unencodable_body_raises_and_writes_nothing(
@@ -458,3 +467,112 @@ def test_any_meta_round_trips(broker: sb.Broker, meta: dict[str, str], body: int
     assert event.id == event_id
     assert event.meta == meta
     assert event.body == body
+
+
+# --- what each codec changes, and what typed decoding restores ------------------------
+
+
+@dataclass
+class Everything:
+    raw: bytes
+    when: datetime.datetime
+    naive: datetime.datetime
+    day: datetime.date
+    uid: uuid.UUID
+    amount: decimal.Decimal
+    pair: tuple[int, int]
+    unique: set[int]
+    by_number: dict[int, str]
+
+
+class EverythingStruct(msgspec.Struct):
+    raw: bytes
+    when: datetime.datetime
+    naive: datetime.datetime
+    day: datetime.date
+    uid: uuid.UUID
+    amount: decimal.Decimal
+    pair: tuple[int, int]
+    unique: set[int]
+    by_number: dict[int, str]
+
+
+class EverythingModel(pydantic.BaseModel):
+    raw: bytes
+    when: datetime.datetime
+    naive: datetime.datetime
+    day: datetime.date
+    uid: uuid.UUID
+    amount: decimal.Decimal
+    pair: tuple[int, int]
+    unique: set[int]
+    by_number: dict[int, str]
+
+
+EVERYTHING = {
+    "raw": b"\x00\xff",
+    "when": datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+    "naive": datetime.datetime(2026, 1, 2, 3, 4, 5),
+    "day": datetime.date(2026, 1, 2),
+    "uid": uuid.UUID(int=1),
+    "amount": decimal.Decimal("1.10"),
+    "pair": (1, 2),
+    "unique": {1, 2},
+    "by_number": {1: "one"},
+}
+
+#: What decoding without a type gives, per codec (the README's table says the same).
+UNTYPED = {
+    "msgpack": {
+        "raw": b"\x00\xff",
+        "when": EVERYTHING["when"],
+        "naive": "2026-01-02T03:04:05",
+        "day": "2026-01-02",
+        "uid": "00000000-0000-0000-0000-000000000001",
+        "amount": "1.10",
+        "pair": [1, 2],
+        "unique": [1, 2],
+        "by_number": {1: "one"},
+    },
+    "json": {
+        "raw": "AP8=",
+        "when": "2026-01-02T03:04:05Z",
+        "naive": "2026-01-02T03:04:05",
+        "day": "2026-01-02",
+        "uid": "00000000-0000-0000-0000-000000000001",
+        "amount": "1.10",
+        "pair": [1, 2],
+        "unique": [1, 2],
+        "by_number": {"1": "one"},
+    },
+}
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+def test_typed_decoding_restores_what_the_type_says(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, codec: str
+) -> None:
+    kinds: list[type[Any]] = [Everything, EverythingStruct, EverythingModel]
+    with open_broker(config, codec=codec) as broker:
+        for kind in kinds:
+            fields = dict(EVERYTHING)
+            if kind is EverythingModel and codec == "json":
+                fields["raw"] = b"text"  # pydantic's JSON form holds bytes as UTF-8 text
+            broker.publish("stream-a", kind(**fields))
+        events = consume(broker)
+    assert len(events) == len(kinds)
+    for kind, event in zip(kinds, events, strict=True):
+        decoded = event.decode(kind)
+        assert isinstance(decoded, kind)
+        expected = dict(EVERYTHING)
+        if kind is EverythingModel and codec == "json":
+            expected["raw"] = b"text"
+        assert {name: getattr(decoded, name) for name in EVERYTHING} == expected
+    assert events[0].body == UNTYPED[codec]
+
+
+def test_a_pydantic_model_with_binary_bytes_is_refused_by_json_only(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry
+) -> None:
+    with open_broker(config, codec="json") as broker, pytest.raises(sb.EncodeError, match="utf-8"):
+        broker.publish("stream-a", EverythingModel(**EVERYTHING))

@@ -2,11 +2,15 @@
 
 A codec turns a body into bytes and back. Built-in types, dataclasses, msgspec
 Structs, attrs classes and pydantic models encode; typed decoding accepts any
-type msgspec understands, and pydantic models.
+type msgspec understands, and pydantic models, and restores what the type says
+(tuples, sets, bytes, datetimes, UUIDs, decimals, int keys). Decoding without a type
+gives what the format holds: see the README's table of what each codec changes.
+JSON has no NaN or infinity, so the JSON codec refuses them rather than send null.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -31,11 +35,37 @@ class Codec(Protocol):
         """Decode ``data``, into the type ``into`` when given."""
 
 
-def _enc_hook(obj: Any) -> Any:
-    dump = getattr(obj, "model_dump", None)
-    if callable(dump):  # pydantic models
-        return dump(mode="json")
-    raise TypeError(f"objects of type {type(obj).__name__} cannot be encoded")
+def _hook(mode: str) -> Callable[[Any], Any]:
+    """msgspec's hook for what it cannot encode itself: pydantic models, dumped in
+    ``mode`` (``python`` keeps bytes and datetimes for msgpack; ``json`` is pydantic's
+    own JSON form)."""
+
+    def enc_hook(obj: Any) -> Any:
+        dump = getattr(obj, "model_dump", None)
+        if callable(dump):
+            return dump(mode=mode)
+        raise TypeError(f"objects of type {type(obj).__name__} cannot be encoded")
+
+    return enc_hook
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` holds a NaN or an infinite float anywhere."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(key) or _non_finite(item) for key, item in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_non_finite(item) for item in value)
+    fields = (
+        getattr(value, "__struct_fields__", None)
+        or getattr(value, "__dataclass_fields__", None)
+        or [attribute.name for attribute in getattr(value, "__attrs_attrs__", ())]
+    )
+    if fields:
+        return any(_non_finite(getattr(value, name)) for name in fields)
+    dump = getattr(value, "model_dump", None)
+    return callable(dump) and _non_finite(dump())
 
 
 def _is_pydantic(into: type[Any]) -> bool:
@@ -71,7 +101,9 @@ class MsgpackCodec(_MsgspecCodec):
 
     def __init__(self) -> None:
         super().__init__(
-            msgspec.msgpack.Encoder(enc_hook=_enc_hook), msgspec.msgpack.Decoder(), msgspec.msgpack
+            msgspec.msgpack.Encoder(enc_hook=_hook("python")),
+            msgspec.msgpack.Decoder(),
+            msgspec.msgpack,
         )
 
 
@@ -82,8 +114,15 @@ class JsonCodec(_MsgspecCodec):
 
     def __init__(self) -> None:
         super().__init__(
-            msgspec.json.Encoder(enc_hook=_enc_hook), msgspec.json.Decoder(), msgspec.json
+            msgspec.json.Encoder(enc_hook=_hook("json")), msgspec.json.Decoder(), msgspec.json
         )
+
+    def encode(self, body: Any) -> bytes:
+        data = super().encode(body)
+        # msgspec writes NaN and infinities as null; only a body with a null can hold one.
+        if b"null" in data and _non_finite(body):
+            raise ValueError("JSON has no NaN or infinity (use msgpack, or None)")
+        return data
 
 
 CODECS: dict[str, Codec] = {"msgpack": MsgpackCodec(), "json": JsonCodec()}
