@@ -42,6 +42,9 @@ class _Facade:
         self._inner = inner
         self._loop = loop
 
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._inner, name)
         if inspect.iscoroutinefunction(attribute):

@@ -466,3 +466,31 @@ def test_closing_the_broker_closes_its_connections(
         broker.publish("stream-c", 2)
         assert ours() >= 2
     wait_for(lambda: ours() == 0, what="connections closed")
+
+
+def test_reprs_show_what_helps(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
+) -> None:
+    with open_broker(config, codec="json") as broker:
+        face = "Broker" if isinstance(broker, sb.Broker) else "AsyncBroker"
+        assert repr(broker) == (
+            f"{face}(pools={{'default': '{server.address}/0', 'second': '{server.address}/3'}}, "
+            "codec='json')"
+        )
+        broker.publish("stream-a", 1, meta={"kind": "order"})
+        seen: list[str] = []
+        broker.consumer("read-group-a").consume(
+            lambda events: seen.extend(map(repr, events)), block=False
+        )
+    (text,) = seen
+    assert re.fullmatch(
+        r"Event\(stream='stream-a', id='\d+-\d+', meta=\{'kind': 'order'\}, delivery_count=1\)",
+        text,
+    )
+    client = server.client()
+    client.xadd("stream-a", {b"\xff": b"x"})
+    with open_broker(config) as broker:
+        broker.consumer("read-group-a").consume(
+            lambda events: seen.extend(map(repr, events)), block=False
+        )
+    assert "meta='<not UTF-8>'" in seen[-1]

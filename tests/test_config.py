@@ -404,7 +404,8 @@ def test_embedded_default_data_dir_is_resolved_absolute(
     assert spec.data_dir == str((tmp_path / ".streambroker").resolve())
     assert Path(spec.data_dir).is_absolute()
     assert (spec.host, spec.port, spec.url, spec.db) == (None, None, None, 0)
-    assert spec.display_address == f"embedded:{spec.data_dir}/0"
+    assert spec.display_address == f"embedded:{spec.data_dir} db 0"
+    assert repr(spec) == f"PoolSpec(name='default', address='embedded:{spec.data_dir} db 0')"
     assert not (tmp_path / ".streambroker").exists()  # validating creates nothing
 
 

@@ -79,6 +79,10 @@ class BrokerFace(Generic[DriverT]):
         """The registry this broker serves."""
         return self._core.registry
 
+    def __repr__(self) -> str:
+        pools = {name: spec.display_address for name, spec in self._core.registry.pools.items()}
+        return f"{type(self).__name__}(pools={pools!r}, codec={self._core.codec.name!r})"
+
     @property
     def handlers(self) -> tuple[HandlerSpec, ...]:
         """The handlers registered with :meth:`handler`, in registration order."""

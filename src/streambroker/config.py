@@ -93,7 +93,7 @@ class PoolSpec:
             host = f"[{self.host}]" if self.host and ":" in self.host else self.host
             return f"{host}:{self.port}/{self.db}"
         if self.kind == "embedded":
-            return f"embedded:{self.data_dir}/{self.db}"
+            return f"embedded:{self.data_dir} db {self.db}"
         assert self.url is not None
         return _mask_url(self.url)
 

@@ -79,7 +79,14 @@ class Event:
         self.error: BaseException | None = None
 
     def __repr__(self) -> str:
-        return f"Event(stream={self.stream!r}, id={self.id!r})"
+        try:
+            meta: object = dict(self.meta)
+        except DecodeError:
+            meta = "<not UTF-8>"
+        return (
+            f"Event(stream={self.stream!r}, id={self.id!r}, meta={meta!r}, "
+            f"delivery_count={self.delivery_count})"
+        )
 
     def ack(self) -> None:
         """Acknowledge this event even if the handler raises afterwards (undoes :meth:`fail`).
