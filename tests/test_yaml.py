@@ -352,7 +352,7 @@ third:
   streams: {}
 """
     assert load_error(text) == (
-        "<yaml>:3: redis pool default: unknown key 'colour' (expected redis and streams)",
+        "<yaml>:3: redis pool default: unknown key 'colour' (expected redis, db, streams)",
         "<yaml>:5: stream stream-a: expected a list of consumer group names",
         "<yaml>:6: redis pool second must be a mapping with 'redis' and 'streams'",
         "<yaml>:7: redis pool third has no 'redis' address",
@@ -511,3 +511,41 @@ def test_any_text_loads_or_raises_config_error(text: str) -> None:
     if error is not None:
         assert error.problems
         assert all(problem.startswith("<yaml>") for problem in error.problems)
+
+
+# --- db: beside redis: ------------------------------------------------------------------
+
+
+def test_db_beside_the_address(tmp_path: Path) -> None:
+    text = (
+        f"default:\n  redis: embedded:{tmp_path}\n  db: 2\n"
+        "second:\n  redis: localhost:6379\n  db: 5\n"
+        "third:\n  redis: redis://localhost:6379\n  db: 0\n"
+    )
+    pools = sb.Registry.from_yaml(text).validate().pools
+    assert (pools["default"].kind, pools["default"].db) == ("embedded", 2)
+    assert pools["default"].display_address == f"embedded:{tmp_path.resolve()} db 2"
+    assert pools["second"].db == 5
+    assert pools["third"].db == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", "[1]", "~", "0x10"])
+def test_db_that_is_not_a_database_number(value: str) -> None:
+    (problem,) = load_error(f"default:\n  redis: localhost:6379\n  db: {value}\n")
+    assert problem == (
+        "<yaml>:3: redis pool default: 'db' must be a database number (an integer >= 0)"
+    )
+
+
+def test_db_disagreeing_with_the_address_names_the_line() -> None:
+    (problem,) = validate_error("default:\n  redis: localhost:6379:1\n  db: 2\n")
+    assert problem.startswith("<yaml>:2: redis pool default:")
+    assert "db 1" in problem
+    assert "db=2" in problem
+
+
+def test_embedded_address_with_a_db_suffix_is_refused(tmp_path: Path) -> None:
+    (problem,) = validate_error(f"default:\n  redis: embedded:{tmp_path}:3\n")
+    assert "does not select a database" in problem
+    assert "db:" in problem
+    assert not (tmp_path.parent / f"{tmp_path.name}:3").exists()

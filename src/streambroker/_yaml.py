@@ -18,7 +18,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .config import Registry
 
-_POOL_KEYS = ("redis", "streams")
+_POOL_KEYS = ("redis", "db", "streams")
 
 
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
@@ -102,7 +102,7 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
             if key not in _POOL_KEYS:
                 problems.append(
                     f"{_line(name, field_key)}: redis pool {pool}: unknown key {key!r} "
-                    f"(expected {' and '.join(_POOL_KEYS)})"
+                    f"(expected {', '.join(_POOL_KEYS)})"
                 )
             elif key in fields:
                 problems.append(f"{_line(name, field_key)}: redis pool {pool}: duplicate {key!r}")
@@ -118,9 +118,16 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
                     "'redis' must be an address such as localhost:6379:0"
                 )
             else:
-                registry._pools.append(
-                    _PoolEntry(pool, address, None, None, _line(name, fields["redis"]), where)
-                )
+                db = _db(fields.get("db"))
+                if isinstance(db, yaml.Node):
+                    problems.append(
+                        f"{_line(name, db)}: redis pool {pool}: 'db' must be a database "
+                        "number (an integer >= 0)"
+                    )
+                else:
+                    registry._pools.append(
+                        _PoolEntry(pool, address, db, None, _line(name, fields["redis"]), where)
+                    )
         streams_node = fields.get("streams")
         if streams_node is None or _is_null(streams_node):
             continue
@@ -155,6 +162,20 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _db(node: yaml.Node | None) -> int | yaml.Node | None:
+    """The ``db:`` of a pool (None when absent), or the offending node."""
+    if node is None:
+        return None
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:int":
+        try:
+            value = int(node.value)
+        except ValueError:  # YAML's octal or hexadecimal forms
+            return node
+        if value >= 0:
+            return value
+    return node
 
 
 def _groups(node: yaml.Node) -> tuple[object, ...] | yaml.Node:

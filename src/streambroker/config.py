@@ -309,6 +309,11 @@ def _parse_address(pool: str, address: object, db: object, data_dir: object) -> 
         raise ValueError(f"address must be a non-empty string, got {address!r}")
     if address == "embedded" or address.startswith("embedded:"):
         address_dir = address.partition(":")[2]
+        if re.fullmatch(r".*:[0-9]+", address_dir):
+            raise ValueError(
+                f"{address!r} does not select a database: give the db apart (db: in YAML, "
+                "db= in code), or data_dir= for a directory whose name ends like this"
+            )
         directory = address_dir or data_dir or DEFAULT_DATA_DIR
         if not isinstance(directory, str | os.PathLike):
             raise ValueError(f"data_dir {directory!r} is not a path")
