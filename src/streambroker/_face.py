@@ -7,12 +7,20 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
 from .config import ValidatedRegistry
 from .connection import ConnectionOptions
-from .consuming import ConsumerCore, ConsumerOptions
+from .consuming import ConsumerCore, ConsumerOptions, check_count
 from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore, HandlerSpec
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnknownGroupError
 from .publishing import BatchBuffer
+from .routes import Route
 
-__all__ = ["DEFAULT_CONSUMER", "BatchFace", "BrokerFace", "ConsumerFace", "ConsumerSettings"]
+__all__ = [
+    "DEFAULT_CONSUMER",
+    "BatchFace",
+    "BrokerFace",
+    "BrokerSettings",
+    "ConsumerFace",
+    "ConsumerSettings",
+]
 
 DEFAULT_CONSUMER = "consumer-1"
 
@@ -49,6 +57,15 @@ class ConsumerSettings(TypedDict, total=False):
     forget_after: float
 
 
+class BrokerSettings(TypedDict, total=False):
+    """The options of a broker (see :class:`~streambroker.Broker`)."""
+
+    codec: str
+    max_body_size: int
+    socket_timeout: float
+    connect_timeout: float
+
+
 class BrokerFace(Generic[DriverT]):
     """The state of a broker that is not I/O: registry, codec, limits, handlers.
 
@@ -58,17 +75,21 @@ class BrokerFace(Generic[DriverT]):
     name and value; ``socket_timeout`` and ``connect_timeout`` (seconds).
     """
 
-    def __init__(
-        self,
-        registry: ValidatedRegistry,
-        *,
-        codec: str = "msgpack",
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        socket_timeout: float = 10.0,
-        connect_timeout: float = 5.0,
-    ) -> None:
-        self._core = BrokerCore(registry, codec=codec, max_body_size=max_body_size)
-        self._connection = ConnectionOptions(socket_timeout, connect_timeout)
+    def __init__(self, registry: ValidatedRegistry, **options: Unpack[BrokerSettings]) -> None:
+        unknown = sorted(set(options) - set(BrokerSettings.__annotations__))
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown broker options {', '.join(unknown)} "
+                f"(expected {', '.join(BrokerSettings.__annotations__)})"
+            )
+        self._core = BrokerCore(
+            registry,
+            codec=options.get("codec", "msgpack"),
+            max_body_size=options.get("max_body_size", DEFAULT_MAX_BODY_SIZE),
+        )
+        self._connection = ConnectionOptions(
+            options.get("socket_timeout", 10.0), options.get("connect_timeout", 5.0)
+        )
         self._driver: DriverT = self._make_driver(registry, self._connection)
 
     def _make_driver(self, registry: ValidatedRegistry, connection: ConnectionOptions) -> DriverT:
@@ -89,17 +110,57 @@ class BrokerFace(Generic[DriverT]):
         return tuple(self._core.handlers)
 
     def handler(
-        self, group: str, *, count: int = 10, **options: Unpack[ConsumerSettings]
+        self,
+        group: str,
+        *,
+        stream: str | None = None,
+        model: Any = None,
+        count: int | None = None,
+        **options: Unpack[ConsumerSettings],
     ) -> Callable[[HandlerT], HandlerT]:
-        """Register the decorated function as the handler of ``group``.
+        """Register the decorated function as a handler of ``group``.
 
         ``streambroker worker MODULE:BROKER`` then runs it with consumers of the
-        group; ``options`` are those of ``consumer()``.
+        group. With ``stream``, it handles that stream's events only (the group's
+        other streams go to its other handlers, or to the one without ``stream``).
+        With ``model`` (a dataclass, msgspec Struct, pydantic model, ...) each
+        ``event.body`` arrives decoded into it; an event that does not decode is failed
+        with the :class:`~streambroker.DecodeError`, so it becomes a dead letter after
+        ``max_deliveries``. ``count`` (default 10) is the batch size and ``options``
+        are those of ``consumer()``; they belong to the group's consumers, so the
+        handlers of one group must not disagree on them.
         """
+        if not isinstance(group, str):
+            hint = (
+                ": write @broker.handler(GROUP), with the group's name" if callable(group) else ""
+            )
+            raise InvalidArgumentError(
+                f"a handler's consumer group must be a name, got {group!r}{hint}"
+            )
+        try:
+            self._core.group_streams(group)
+        except UnknownGroupError:
+            known = ", ".join(map(repr, self._core.registry.groups)) or "none"
+            raise InvalidArgumentError(
+                f"cannot register a handler for consumer group {group!r}: it is not "
+                f"registered (groups: {known})"
+            ) from None
+        if stream is not None:
+            self._core.stream_group(stream, group)
+        if count is not None:
+            check_count(count, f"the handler of consumer group {group!r}")
+        if model is not None and not isinstance(model, type) and not hasattr(model, "__origin__"):
+            raise InvalidArgumentError(
+                f"the handler of consumer group {group!r}: model must be a type, got {model!r}"
+            )
         self._consumer_options(group, "handler", dict(options))
 
         def register(function: HandlerT) -> HandlerT:
-            self._core.add_handler(group, function, count, options)
+            if not callable(function):
+                raise InvalidArgumentError(
+                    f"the handler of consumer group {group!r} must be callable, got {function!r}"
+                )
+            self._core.add_handler(group, Route(function, stream, model), count, options)
             return function
 
         return register

@@ -151,6 +151,7 @@ class AsyncConsumer(ConsumerFace):
         cannot be: it is waited for); acknowledgements go out and the consumer name is
         released, then the cancellation propagates: the task ends cancelled.
         """
+        self._core.check_handler(handler)
         self._core.check_count(count)
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -189,6 +189,7 @@ class Consumer(ConsumerFace):
         (:class:`ConsumerBusyError`). ``handle_signals`` (default: when called in the
         main thread) makes SIGTERM and SIGINT stop the consumer gracefully.
         """
+        self._core.check_handler(handler)
         self._core.check_count(count)
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()

@@ -57,7 +57,7 @@ from .handing import (
 from .keys import lease_key, replay_key
 from .leases import LEASE_RETAKEN, acquire_command, release_command, renew_command
 
-__all__ = ["ConsumerCore", "ConsumerOptions", "claim", "remove_consumer"]
+__all__ = ["ConsumerCore", "ConsumerOptions", "check_count", "claim", "remove_consumer"]
 
 log = logging.getLogger("streambroker.consumer")
 
@@ -150,6 +150,13 @@ def _id_key(event: Event) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def check_count(count: object, whose: str) -> int:
+    """``count`` as a valid batch size, else :class:`InvalidArgumentError` naming ``whose``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgumentError(f"{whose}: count must be an integer >= 1, got {count!r}")
+    return count
+
+
 class ConsumerCore:
     """The state of one named consumer of a group, and its consume loop."""
 
@@ -212,12 +219,15 @@ class ConsumerCore:
 
     def check_count(self, count: object) -> int:
         """``count`` as a valid batch size, else :class:`InvalidArgumentError`."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        return check_count(count, f"consumer {self.name} of group {self.group}")
+
+    def check_handler(self, handler: object) -> None:
+        """Refuse a handler that cannot be called, naming the consumer."""
+        if not callable(handler):
             raise InvalidArgumentError(
-                f"consumer {self.name} of group {self.group}: count must be an integer "
-                f">= 1, got {count!r}"
+                f"consumer {self.name} of group {self.group}: the handler must be callable, "
+                f"got {handler!r}"
             )
-        return count
 
     def consume(self, count: int, block: bool) -> Op[int]:
         """Hand events to the handler until stopped (``block``) or none are left.

@@ -20,20 +20,32 @@ from .errors import (
     UnknownStreamError,
 )
 from .keys import replay_key
+from .routes import Route, check_kind, check_routes, router
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
 
 DEFAULT_MAX_BODY_SIZE = 1 << 20
+#: The batch size of a handler registered without ``count``.
+DEFAULT_HANDLER_COUNT = 10
 
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """A handler an application registered for a group, run by ``streambroker worker``."""
+    """The handler of a group an application registered, run by ``streambroker worker``:
+    its function (one that hands each stream's events to that stream's handler when
+    there are several, see :mod:`.routes`), batch size and consumer options."""
 
     group: str
     function: Callable[..., Any]
     count: int
     options: Mapping[str, Any]
+
+
+@dataclass
+class _GroupHandlers:
+    routes: dict[str | None, Route]
+    count: int | None
+    options: dict[str, Any]
 
 
 class BrokerCore:
@@ -61,16 +73,51 @@ class BrokerCore:
         self.codec: Codec = get_codec(codec)
         self.max_body_size = max_body_size
         self._ready_pools: set[str] = set()
-        self.handlers: list[HandlerSpec] = []
+        self._handlers: dict[str, _GroupHandlers] = {}
 
     def add_handler(
-        self, group: str, function: Callable[..., Any], count: int, options: Mapping[str, Any]
+        self,
+        group: str,
+        route: Route,
+        count: int | None,
+        options: Mapping[str, Any],
     ) -> None:
-        """Register ``function`` as the handler of ``group`` (one per group)."""
-        self.group_streams(group)
-        if any(spec.group == group for spec in self.handlers):
-            raise InvalidArgumentError(f"consumer group {group!r} already has a handler")
-        self.handlers.append(HandlerSpec(group, function, count, dict(options)))
+        """Register ``route`` as a handler of ``group``: of one of its streams, or of
+        the rest. The group's consumers serve every handler, so ``count`` and
+        ``options`` given by two of them must agree."""
+        where = f"consumer group {group!r}"
+        if route.stream is not None:
+            where += f", stream {route.stream!r}"
+        handlers = self._handlers.setdefault(group, _GroupHandlers({}, None, {}))
+        if route.stream in handlers.routes:
+            raise InvalidArgumentError(f"{where} already has a handler")
+        check_kind(group, handlers.routes, route.function)
+        if count is not None and handlers.count not in (None, count):
+            raise InvalidArgumentError(
+                f"{where}: count={count} differs from count={handlers.count} given to "
+                "another handler of the group (its consumers serve them all)"
+            )
+        clashing = [k for k, v in options.items() if handlers.options.get(k, v) != v]
+        if clashing:
+            raise InvalidArgumentError(
+                f"{where}: {', '.join(clashing)} differ from another handler of the group "
+                "(its consumers serve them all)"
+            )
+        handlers.routes[route.stream] = route
+        handlers.count = handlers.count if count is None else count
+        handlers.options.update(options)
+
+    @property
+    def handlers(self) -> list[HandlerSpec]:
+        """One handler per group that has some, checked to cover its streams."""
+        specs = []
+        for group, handlers in self._handlers.items():
+            streams = [spec.name for spec in self.group_streams(group)]
+            check_routes(group, streams, handlers.routes)
+            function = router(handlers.routes)
+            count = DEFAULT_HANDLER_COUNT if handlers.count is None else handlers.count
+            specs.append(HandlerSpec(group, function, count, dict(handlers.options)))
+        return specs
 
     def stream(self, name: str) -> StreamSpec:
         """The registered stream ``name``; raises :class:`UnknownStreamError`."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from .codecs import CODECS
 from .errors import DecodeError
@@ -13,6 +15,8 @@ from .wire import BODY_FIELD, CODEC_FIELD, RESERVED_PREFIX
 __all__ = ["Event"]
 
 T = TypeVar("T")
+#: The type of an event's body, as a typed handler's ``model`` makes it.
+BodyT = TypeVar("BodyT", default=Any)
 
 _BODY = BODY_FIELD.encode()
 _CODEC = CODEC_FIELD.encode()
@@ -32,8 +36,8 @@ def _type_name(into: Any) -> str:
     return name if isinstance(name, str) else repr(into)
 
 
-class Event:
-    """One event read from a stream.
+class Event(Generic[BodyT]):
+    """One event read from a stream; ``Event[Painting]`` is one whose body is a ``Painting``.
 
     The body is decoded on first access, so an entry that cannot be decoded (written
     by another program, or corrupt) does not stop the consumer: reading its
@@ -148,8 +152,9 @@ class Event:
         return self._field(_BODY)
 
     @property
-    def body(self) -> Any:
-        """The decoded body (None for meta-only events)."""
+    def body(self) -> BodyT:
+        """The decoded body (None for meta-only events); decoded into the handler's
+        ``model`` when it has one."""
         if self._body is _UNSET:
             fields = self._fields
             # The fast path, for entries laid out as the broker writes them.
@@ -161,7 +166,12 @@ class Event:
                     self._body = self._decode(None)  # raises the error naming the event
             else:
                 self._body = self._decode(None)
-        return self._body
+        body: BodyT = self._body
+        return body
+
+    def _set_body(self, body: Any) -> None:
+        """Make ``body`` the event's body (decoded by the broker into a handler's model)."""
+        self._body = body
 
     def decode(self, into: type[T]) -> T:
         """Decode the body into ``into`` (a dataclass, msgspec Struct, pydantic model, ...)."""

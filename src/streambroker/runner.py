@@ -154,13 +154,6 @@ def plan_consumers(
         )
     by_group = {spec.group: spec for spec in handlers}
     wanted = list(dict.fromkeys(groups)) or list(by_group)
-    for spec in handlers:
-        count = spec.count
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise InvalidArgumentError(
-                f"the handler of consumer group {spec.group!r}: count must be an integer >= 1, "
-                f"got {count!r}"
-            )
     missing = [group for group in wanted if group not in by_group]
     if missing:
         raise InvalidArgumentError(
