@@ -155,20 +155,21 @@ def test_demo_runs_without_configuration_then_server_commands(workdir: Path) -> 
 
     status = run([*CLI, "server", "status"], workdir)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.strip() == f"running on unix socket {server.socket_path}"
+    here = server.data_dir
+    assert status.stdout.strip() == f"{here}: running on unix socket {server.socket_path}"
 
     stop = run([*CLI, "server", "stop"], workdir)
     assert stop.returncode == 0, stop.stderr
-    assert stop.stdout.strip() == "stopped"
+    assert stop.stdout.strip() == f"{here}: stopped"
     assert not server.is_running()
 
     status = run([*CLI, "server", "status"], workdir)
     assert status.returncode == 3
-    assert status.stdout.strip() == "not running"
+    assert status.stdout.strip() == f"{here}: not running"
 
     stop = run([*CLI, "server", "stop"], workdir)
     assert stop.returncode == 0, stop.stderr
-    assert stop.stdout.strip() == "not running"
+    assert stop.stdout.strip() == f"{here}: not running"
 
 
 def test_demo_runs_afresh_each_time(workdir: Path) -> None:
@@ -188,23 +189,59 @@ def test_server_start_and_stop_with_data_dir(workdir: Path) -> None:
     try:
         start = run([*CLI, "server", "start", "--data-dir", str(data_dir)], workdir)
         assert start.returncode == 0, start.stderr
-        assert start.stdout == f"running on unix socket {server.socket_path}\n"
+        running = f"on unix socket {server.socket_path}\n"
+        assert start.stdout == f"{server.data_dir}: started {running}"
         assert len(start.stdout) > 80
         assert server.socket_path == str(data_dir / "valkey.sock")
         assert server.is_running()
 
         again = run([*CLI, "server", "start", "--data-dir", str(data_dir)], workdir)
         assert again.returncode == 0, again.stderr
-        assert again.stdout == start.stdout
+        assert again.stdout == f"{server.data_dir}: already running {running}"
 
         status = run([*CLI, "server", "status", "--data-dir", str(data_dir)], workdir)
         assert status.returncode == 0, status.stderr
-        assert status.stdout == start.stdout
+        assert status.stdout == f"{server.data_dir}: running {running}"
         # The default data dir is another one, not running.
         assert run([*CLI, "server", "status"], workdir).returncode == 3
     finally:
         if server.is_running():
             server.stop()
+
+
+def test_server_commands_act_on_the_configurations_embedded_pools(workdir: Path) -> None:
+    first, second = workdir / "first", workdir / "second"
+    config = workdir / "streambroker.yaml"
+    config.write_text(
+        f"default:\n  redis: embedded:{first}\n  streams:\n    s: [g]\n"
+        f"other:\n  redis: embedded:{second}\n  db: 2\n"
+        f"again:\n  redis: embedded:{first}\n  db: 1\n"
+        "remote:\n  redis: 127.0.0.1:1\n"
+    )
+    servers = [sb.EmbeddedServer(first), sb.EmbeddedServer(second)]
+    try:
+        servers[0].start()
+        start = run([*CLI, "server", "start"], workdir)  # ./streambroker.yaml
+        assert start.returncode == 0, start.stderr
+        assert start.stdout.splitlines() == [
+            f"{servers[0].data_dir}: already running on unix socket {servers[0].socket_path}",
+            f"{servers[1].data_dir}: started on unix socket {servers[1].socket_path}",
+        ]
+        assert all(server.is_running() for server in servers)
+        stop = run([*CLI, "server", "stop", "--config", str(config)], workdir)
+        assert stop.stdout.splitlines() == [f"{s.data_dir}: stopped" for s in servers]
+        status = run([*CLI, "--config", str(config), "server", "status"], workdir)
+        assert status.returncode == 3
+        assert status.stdout.splitlines() == [f"{s.data_dir}: not running" for s in servers]
+        remote = workdir / "remote.yaml"
+        remote.write_text("default:\n  redis: 127.0.0.1:1\n")
+        refused = run([*CLI, "server", "start", "--config", str(remote)], workdir)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().endswith("remote.yaml: no pool uses the embedded server")
+    finally:
+        for server in servers:
+            if server.is_running():
+                server.stop()
 
 
 @pytest.mark.parametrize("problem", ["under-a-file", "server-fails"])

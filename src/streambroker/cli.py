@@ -794,28 +794,73 @@ def demo(
         console.print(f"{stream}: {length} events left")
 
 
+ServerDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data directory of the embedded server (default: the configuration's embedded "
+        f"pools, else {DEFAULT_DATA_DIR}).",
+        show_default=False,
+    ),
+]
+
+
+def _server_dirs(ctx: typer.Context, config: Path | None, data_dir: Path | None) -> list[Path]:
+    """The data directories a ``server`` command acts on: ``--data-dir``, else those of
+    the configuration's embedded pools, else the default one."""
+    if data_dir is not None:
+        return [data_dir]
+    options = ctx.find_object(_Options)
+    named = config or (options.config if options else None)
+    if named is None and not Path(DEFAULT_CONFIG).exists():
+        return [Path(DEFAULT_DATA_DIR)]
+    path, registry = load_config(ctx, named)
+    dirs = [
+        Path(spec.data_dir)
+        for spec in registry.pools.values()
+        if spec.kind == "embedded" and spec.data_dir is not None
+    ]
+    if not dirs:
+        raise ConfigError(f"{path}: no pool uses the embedded server")
+    return list(dict.fromkeys(dirs))
+
+
 @server_app.command("start")
-def server_start(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
+def server_start(ctx: typer.Context, config: ConfigPath = None, data_dir: ServerDir = None) -> None:
     """Start the embedded server (or find it running)."""
-    socket = EmbeddedServer(data_dir).start()
-    _console().print(Text(f"running on unix socket {socket}"))
+    for directory in _server_dirs(ctx, config, data_dir):
+        server = EmbeddedServer(directory)
+        running = server.is_running()
+        socket = server.start()
+        verb = "already running" if running else "started"
+        _console().print(Text(f"{server.data_dir}: {verb} on unix socket {socket}"))
 
 
 @server_app.command("stop")
-def server_stop(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
+def server_stop(ctx: typer.Context, config: ConfigPath = None, data_dir: ServerDir = None) -> None:
     """Stop the embedded server; it saves its data first."""
-    stopped = EmbeddedServer(data_dir).stop()
-    _console().print("stopped" if stopped else "not running")
+    for directory in _server_dirs(ctx, config, data_dir):
+        server = EmbeddedServer(directory)
+        stopped = server.stop()
+        _console().print(Text(f"{server.data_dir}: {'stopped' if stopped else 'not running'}"))
 
 
 @server_app.command("status")
-def server_status(data_dir: DataDir = Path(DEFAULT_DATA_DIR)) -> None:
-    """Tell whether the embedded server runs (exit code 0) or not (3)."""
-    server = EmbeddedServer(data_dir)
-    if server.is_running():
-        _console().print(Text(f"running on unix socket {server.socket_path}"))
-    else:
-        _console().print("not running")
+def server_status(
+    ctx: typer.Context, config: ConfigPath = None, data_dir: ServerDir = None
+) -> None:
+    """Tell whether the embedded servers run (exit code 0) or not (3)."""
+    stopped = False
+    for directory in _server_dirs(ctx, config, data_dir):
+        server = EmbeddedServer(directory)
+        if server.is_running():
+            _console().print(
+                Text(f"{server.data_dir}: running on unix socket {server.socket_path}")
+            )
+        else:
+            _console().print(Text(f"{server.data_dir}: not running"))
+            stopped = True
+    if stopped:
         raise typer.Exit(3)
 
 
