@@ -155,7 +155,6 @@ _CLIENT_CERTIFICATE_ALERTS = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: "
     "give ssl_certfile and ssl_keyfile",
     "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client certificate has expired",
 }
 
@@ -175,6 +174,9 @@ def _tls_hint(exc: BaseException, connecting_tls: bool) -> str | None:
             "the server ended the TLS connection: it may require a client certificate "
             "(ssl_certfile, ssl_keyfile) or not trust the one given"
         )
+    if isinstance(cause, ssl.SSLError) and "PEM lib" in str(cause):
+        # What loading a protected key with the wrong passphrase raises, without a reason.
+        return "the client key cannot be read: is its ssl_password right?"
     # ``reason`` is the name OpenSSL gives the error (an SSLError made in Python has none).
     reason = getattr(cause, "reason", None) if isinstance(cause, ssl.SSLError) else None
     return _CLIENT_CERTIFICATE_ALERTS.get(reason) if isinstance(reason, str) else None
