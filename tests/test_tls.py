@@ -1,8 +1,9 @@
 """TLS on a real server: Debian's redis-server, built with TLS, listening on TLS only.
 
 The certificates are made for the test session: a CA the pools trust, a server
-certificate for 127.0.0.1 only (so ``localhost`` is another host), a CA nobody
-trusts, and a client certificate whose key is protected by a passphrase.
+certificate for 127.0.0.1 only (so ``localhost`` is another host), a client
+certificate whose key is protected by a passphrase, an expired one, and a CA nobody
+trusts with a client certificate of its own.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ WRONG_PASSPHRASE = "WRONG-SEKRIT"
 class Certificates:
     ca: str  # the CA file the pools trust
     ca_path: str  # a directory holding the same CA, named by its subject hash
-    other_ca: str  # a CA that signed nothing here
+    other_ca: str  # a CA nobody trusts
     server_cert: str
     server_key: str
     client_cert: str
