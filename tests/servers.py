@@ -61,6 +61,10 @@ class ServerProcess:
         """A plain redis-py client."""
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=60)
 
+    def listen_args(self) -> tuple[str, ...]:
+        """The arguments that make the server listen on ``port``."""
+        return ("--port", str(self.port))
+
     def start(self, timeout: float = 15.0) -> None:
         """Start the process and wait until it answers (RuntimeError after ``timeout``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -68,8 +72,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *self.listen_args(),
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -139,3 +142,50 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+@dataclass
+class TlsServerProcess(ServerProcess):
+    """A server listening on ``port`` with TLS only (no plain TCP port).
+
+    It presents ``cert_file`` (with ``key_file``) and checks client certificates
+    against ``ca_file``: it requires one when ``auth_clients`` is true and takes none
+    otherwise. Its own :meth:`client` trusts ``ca_file`` and presents
+    ``client_cert`` (certificate and key files) when given.
+    """
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    auth_clients: bool = False
+    client_cert: tuple[str, str] | None = None
+
+    def listen_args(self) -> tuple[str, ...]:
+        return (
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            self.cert_file,
+            "--tls-key-file",
+            self.key_file,
+            "--tls-ca-cert-file",
+            self.ca_file,
+            "--tls-auth-clients",
+            "yes" if self.auth_clients else "no",
+        )
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """A redis-py client over TLS, verifying the server's certificate."""
+        certfile, keyfile = self.client_cert or (None, None)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            db=db,
+            socket_timeout=60,
+            ssl=True,
+            ssl_ca_certs=self.ca_file,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+        )

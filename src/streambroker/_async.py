@@ -142,7 +142,8 @@ class AsyncDriver:
     async def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
             pool = (await self.client(send.pool)).connection_pool
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            with fx.translated(send.pool, self._registry.pools[send.pool].tls):
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 await connection.send_packed_command(fx.pack(send.commands))
                 replies: list[Any] = []

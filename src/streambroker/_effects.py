@@ -9,6 +9,7 @@ throws the error into the generator. No logic lives in an I/O layer.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -135,16 +136,50 @@ class ReplyError:
         return ServerReplyError(pool, f"{what}: {self.message}" if what else self.message)
 
 
-def translate_error(exc: rex.RedisError, pool: str) -> BrokerError:
-    """Turn a redis-py error into the broker's error naming the pool."""
+def translate_error(exc: rex.RedisError, pool: str, connecting_tls: bool = False) -> BrokerError:
+    """Turn a redis-py error into the broker's error naming the pool (``connecting_tls``:
+    raised while opening a TLS connection)."""
     if isinstance(exc, rex.ResponseError):
         return ReplyError.of(exc).error(pool)
     text = str(exc) or type(exc).__name__
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return PoolAuthenticationError(pool, text)
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
-        return PoolConnectionError(pool, text)
+        hint = _tls_hint(exc, connecting_tls)
+        return PoolConnectionError(pool, f"{text} ({hint})" if hint else text)
     return PoolError(pool, text)
+
+
+#: What the server's TLS alerts about the client's certificate mean, by their reason.
+_CLIENT_CERTIFICATE_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: "
+    "give ssl_certfile and ssl_keyfile",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client certificate has expired",
+}
+
+
+def _tls_hint(exc: BaseException, connecting_tls: bool) -> str | None:
+    """What the TLS failure behind ``exc`` says of the client's certificate, if anything.
+
+    A server refusing the client's certificate alerts it after the handshake, and the
+    client sees the alert or, when the server closed first, only the end (or reset) of
+    the connection it was opening; each is explained here.
+    """
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError | ConnectionResetError):
+        cause = cause.__cause__ or cause.__context__
+    if connecting_tls and isinstance(cause, ssl.SSLEOFError | ConnectionResetError):
+        return (
+            "the server ended the TLS connection: it may require a client certificate "
+            "(ssl_certfile, ssl_keyfile) or not trust the one given"
+        )
+    if isinstance(cause, ssl.SSLError) and "PEM lib" in str(cause):
+        # What loading a protected key with the wrong passphrase raises, without a reason.
+        return "the client key cannot be read: is its ssl_password right?"
+    # ``reason`` is the name OpenSSL gives the error (an SSLError made in Python has none).
+    reason = getattr(cause, "reason", None) if isinstance(cause, ssl.SSLError) else None
+    return _CLIENT_CERTIFICATE_ALERTS.get(reason) if isinstance(reason, str) else None
 
 
 class Driving(Generic[T]):
@@ -178,19 +213,21 @@ def outcome(perform: Callable[..., Any], *args: Any) -> tuple[Any, BaseException
 
 
 class translated:  # noqa: N801 - used as a function: ``with translated(pool):``
-    """Within the block, redis-py errors become the broker's errors naming ``pool``."""
+    """Within the block, redis-py errors become the broker's errors naming ``pool``
+    (``connecting_tls``: the block opens a TLS connection)."""
 
-    __slots__ = ("pool",)
+    __slots__ = ("connecting_tls", "pool")
 
-    def __init__(self, pool: str) -> None:
+    def __init__(self, pool: str, connecting_tls: bool = False) -> None:
         self.pool = pool
+        self.connecting_tls = connecting_tls
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, rex.RedisError):
-            raise translate_error(exc, self.pool) from exc
+            raise translate_error(exc, self.pool, self.connecting_tls) from exc
 
 
 def pack(commands: Sequence[Command]) -> list[bytes]:

@@ -138,7 +138,8 @@ class SyncDriver:
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
             pool = self.client(send.pool).connection_pool
-            connection = pool.get_connection()
+            with fx.translated(send.pool, self._registry.pools[send.pool].tls):
+                connection = pool.get_connection()
             try:
                 connection.send_packed_command(fx.pack(send.commands))  # type: ignore[no-untyped-call]
                 replies: list[Any] = []

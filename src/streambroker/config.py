@@ -97,6 +97,11 @@ class PoolSpec:
         assert self.url is not None
         return _mask_url(self.url)
 
+    @property
+    def tls(self) -> bool:
+        """Whether the pool's connections use TLS (a ``rediss://`` URL)."""
+        return self.kind == "url" and self.url is not None and self.url.startswith("rediss://")
+
     def __repr__(self) -> str:
         return f"PoolSpec(name={self.name!r}, address={self.display_address!r})"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,7 +52,15 @@ def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
     elif spec.kind == "embedded":
         assert spec.data_dir is not None
         kwargs["unix_socket_path"] = EmbeddedServer(spec.data_dir).start()
+    elif spec.tls:
+        # The URL's ssl_password wins over this. Without one, OpenSSL would ask for the
+        # passphrase of a protected client key on the terminal, and wait there.
+        kwargs["ssl_password"] = _missing_passphrase
     return kwargs
+
+
+def _missing_passphrase() -> str:
+    raise ssl.SSLError("the client key is protected by a passphrase: give ssl_password")
 
 
 ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
