@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -646,6 +648,67 @@ def worker(
 async def _run_async_worker(broker: AsyncBroker, settings: dict[str, Any]) -> None:
     async with broker:
         await AsyncWorker(broker, **settings).run()
+
+
+# -- metrics --------------------------------------------------------------------------
+
+MetricsHost = Annotated[
+    str,
+    typer.Option("--metrics-host", help="Address to serve metrics on (0.0.0.0: every interface)."),
+]
+
+
+@app.command()
+def exporter(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to serve.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to serve on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    cache: Annotated[
+        float,
+        typer.Option("--cache", min=0.0, help="Seconds a reading of the statistics is reused."),
+    ] = 2.0,
+    config: ConfigPath = None,
+) -> None:
+    """Serve the stream and group figures of the configuration to Prometheus, without
+    running consumers: /metrics, /healthz, /readyz, until SIGTERM or Ctrl-C."""
+    from .metrics import Metrics
+    from .serving import OpsServer
+
+    _, registry = load_config(ctx, config)
+    metrics = Metrics()
+    collector = metrics.watch(registry, cache_seconds=cache)
+
+    def ready() -> str | None:
+        try:
+            collector.read()
+        except BrokerError as exc:
+            return str(exc)
+        return None
+
+    server = OpsServer(metrics.exposition, ready, host, port).start()
+    bound_host, bound_port = server.address
+    _console().print(Text(f"serving metrics on http://{bound_host}:{bound_port}/metrics"))
+    try:
+        _wait_for_signal()
+    finally:
+        server.close()
+        metrics.close()
+
+
+def _wait_for_signal() -> None:
+    """Sleep until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _STOP_SIGNALS}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 # -- gc, claim, dead letters ----------------------------------------------------------

@@ -20,6 +20,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .keys import replay_key
+from .observer import Observer
 from .routes import Route, check_kind, check_routes, router
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
@@ -74,6 +75,8 @@ class BrokerCore:
         self.max_body_size = max_body_size
         self._ready_pools: set[str] = set()
         self._handlers: dict[str, _GroupHandlers] = {}
+        #: Told what the broker does (its metrics), when set.
+        self.observer: Observer | None = None
 
     def add_handler(
         self,

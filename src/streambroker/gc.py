@@ -154,4 +154,7 @@ def collect(core: BrokerCore, streams: Iterable[str]) -> Op[dict[str, int]]:
     for send, replies in zip(sends, results, strict=True):
         for (stream, _), reply in zip(plans[send.pool], replies, strict=True):
             removed[stream] += removed_count(send.pool, stream, reply)
+    if core.observer is not None:
+        for stream, count in removed.items():
+            core.observer.collected(core.registry.streams[stream].pool, stream, count)
     return removed

@@ -6,6 +6,7 @@ is published or queued, so a refused event raises before anything is sent.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,8 @@ def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | 
     if not core.is_ready(spec.pool):
         yield from core.ensure_groups((spec.pool,))
     (reply,) = yield Send(spec.pool, (command,))
+    if core.observer is not None:
+        core.observer.published(spec.pool, spec.name, 1)
     return reply.decode()  # type: ignore[no-any-return]
 
 
@@ -39,7 +42,7 @@ class BatchBuffer:
 
     def __init__(self, core: BrokerCore) -> None:
         self._core = core
-        self._commands: list[tuple[str, Command]] = []
+        self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
         self.ids: list[str] = []
 
     def __len__(self) -> int:
@@ -48,23 +51,27 @@ class BatchBuffer:
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
         command = _xadd(self._core, stream, body, meta)
-        self._commands.append((self._core.registry.streams[stream].pool, command))
+        self._commands.append((self._core.registry.streams[stream].pool, stream, command))
 
     def flush(self) -> Op[list[str]]:
         """Send every queued event, one pipeline per pool; returns all ids in order."""
         if not self._commands:
             return self.ids
         per_pool: dict[str, list[Command]] = {}
-        for pool, command in self._commands:
+        for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
         yield from self._core.ensure_groups(per_pool)
         sends = [Send(pool, commands) for pool, commands in per_pool.items()]
         results = yield Parallel(sends)
         replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
         try:
-            ids = [next(replies[pool]).decode() for pool, _ in self._commands]
+            ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]
         except StopIteration:
             raise BrokerError("a pool answered fewer replies than commands sent") from None
+        observer = self._core.observer
+        if observer is not None:
+            for (pool, stream), count in Counter((p, s) for p, s, _ in self._commands).items():
+                observer.published(pool, stream, count)
         self._commands.clear()
         self.ids.extend(ids)
         return ids

@@ -50,6 +50,8 @@ class GroupStats:
     lowest_pending_age: float | None
     dead_letters: int
     consumers: tuple[ConsumerStats, ...]
+    #: The age of the oldest event of the stream the group has not read (None: none).
+    oldest_unread_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,10 @@ def _draft(group: str, now_ms: int, main: dict[str, Any], replies: list[Any]) ->
     return _Draft(stats, [_table(row) for row in consumers], known)
 
 
+def _may_have_unread(draft: _Draft) -> bool:
+    return not draft.lag_known or draft.stats.lag > 0
+
+
 def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamStats]]:
     """The statistics of ``streams`` (all registered streams when empty), in order."""
     names = list(dict.fromkeys(streams)) or list(core.registry.streams)
@@ -165,10 +171,12 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
 
     drafts: list[tuple[StreamStats, list[_Draft]]] = []
     second: list[_Plan] = []
+    now_of: dict[str, int] = {}
     for plan, raw in zip(plans, replies, strict=True):
         reply = [_check(plan.pool, plan.stream, r) for r in raw]
         seconds, micros = (int(x) for x in reply[0])
         now_ms = seconds * 1000 + micros // 1000
+        now_of[plan.stream] = now_ms
         info = _table(reply[1])
         first_entry = info.get("first-entry")
         on_server = {_name((row := _table(flat))["name"]): row for flat in reply[2]}
@@ -178,9 +186,11 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         ]
         follow_up: list[Command] = []
         for draft in groups:
+            last = draft.stats.last_delivered_id
             if not draft.lag_known:
-                last = draft.stats.last_delivered_id
                 follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.stream, last, LAG_COUNT_LIMIT))
+            if _may_have_unread(draft):
+                follow_up.append(("XRANGE", plan.stream, f"({last}", "+", "COUNT", 1))
             follow_up += [
                 ("EXISTS", lease_key(draft.stats.group, _name(row["name"])))
                 for row in draft.consumers
@@ -204,6 +214,8 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         finished = []
         for draft in groups:
             lag = draft.stats.lag if draft.lag_known else draft.stats.lag + int(next(values))
+            unread = next(values) if _may_have_unread(draft) else []
+            oldest_unread = _age(now_of[stream.stream], unread[0][0]) if unread else None
             consumers = tuple(
                 ConsumerStats(
                     name=_name(row["name"]),
@@ -213,7 +225,9 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
                 )
                 for row in draft.consumers
             )
-            finished.append(replace(draft.stats, lag=lag, consumers=consumers))
+            finished.append(
+                replace(draft.stats, lag=lag, consumers=consumers, oldest_unread_age=oldest_unread)
+            )
         result.append(replace(stream, groups=tuple(finished)))
     return result
 
