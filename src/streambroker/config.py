@@ -283,6 +283,8 @@ class Registry:
     def from_yaml(cls, source: str | os.PathLike[str]) -> Registry:
         """Load a registry from YAML text or a YAML file (see the README for the format).
 
+        The top-level key ``key_prefix`` (a string, beside the pools) sets the key prefix.
+
         Syntax and shape errors raise :class:`~streambroker.ConfigError` naming the
         file and line; the other checks happen in :meth:`validate`, also with lines.
         """
