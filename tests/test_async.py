@@ -72,7 +72,7 @@ def test_cancelling_a_consumer_is_a_graceful_stop(
             # The acked event is acknowledged, the rest left pending, never half-acked.
             rows = client.xpending_range("stream-a", "read-group-a", "-", "+", 10)
             assert [r["message_id"].decode() for r in rows] == ids[1:]
-            assert not client.exists("sb:lease:read-group-a:cancelled")  # name released
+            assert not client.exists("{sb:lease:12:read-group-a}:cancelled")  # name released
 
             # Cancelling a consumer waiting in a blocking read, again and again, leaves
             # no connection behind and the name free.
@@ -80,13 +80,13 @@ def test_cancelling_a_consumer_is_a_graceful_stop(
             for _ in range(5):
                 idle = broker.consumer("read-group-c", "waiting", **FAST)
                 task = asyncio.create_task(idle.consume(stuck))
-                while not server.client(3).exists("sb:lease:read-group-c:waiting"):
+                while not server.client(3).exists("{sb:lease:12:read-group-c}:waiting"):
                     await asyncio.sleep(0.01)  # until the consumer runs
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
             assert ours(server) <= baseline + 2
-            assert not server.client(3).exists("sb:lease:read-group-c:waiting")
+            assert not server.client(3).exists("{sb:lease:12:read-group-c}:waiting")
 
             # The cancelled consumer starts again with its pending events.
             handled: list[str] = []

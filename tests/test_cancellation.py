@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import streambroker as sb
+from streambroker.keys import lease_key
 from streambroker.runner import AsyncWorker
 
 from .conftest import Server
@@ -41,7 +42,7 @@ BLOCKING_EXTRA = 6
 #: How long a cancelled task may take to end (generous: nothing waits this long).
 DEADLINE = 10.0
 GROUP, NAME = "read-group-c", "cancelled"
-LEASE = f"sb:lease:{GROUP}:{NAME}"
+LEASE = lease_key("", GROUP, NAME)
 
 
 def ours(server: Server) -> int:
@@ -513,9 +514,9 @@ def test_a_worker_cancelled_as_it_stops_ends_cancelled(
 
             worker = AsyncWorker(broker, groups=[GROUP])
             task = asyncio.create_task(worker.run(handle_signals=False))
-            await until(lambda: server.client(3).keys("sb:lease:*"), "the consumer to start")
+            await until(lambda: server.client(3).keys("{sb:lease:*"), "the consumer to start")
             await worker.stop()
             await cancel_after(task, turns)
-            assert not server.client(3).keys("sb:lease:*")
+            assert not server.client(3).keys("{sb:lease:*")
 
     asyncio.run(main())

@@ -28,6 +28,8 @@ NAME_CHARS = st.characters(
     blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="*?[]"
 )
 VALID_NAMES = st.text(NAME_CHARS, min_size=1, max_size=128)
+#: Stream names without '}' (one holding it may be refused: see test_keys.py).
+STREAM_NAMES = VALID_NAMES.filter(lambda name: "}" not in name)
 FORBIDDEN_CHARS = st.one_of(
     st.sampled_from("*?[] \t\n\r\x0b\x0c\x00\x1b\x7f\x85\x9f\xa0\u2028\u3000"),
     st.characters(whitelist_categories=("Cc", "Cs", "Zs", "Zl", "Zp")),
@@ -690,7 +692,7 @@ def test_all_problems_are_reported_at_once() -> None:
 # --- properties -----------------------------------------------------------------------
 
 
-@given(pool=VALID_NAMES, stream=VALID_NAMES, group=VALID_NAMES)
+@given(pool=VALID_NAMES, stream=STREAM_NAMES, group=VALID_NAMES)
 def test_any_valid_names_round_trip(pool: str, stream: str, group: str) -> None:
     registry = sb.Registry()
     registry.register_redis("localhost:6379", pool=pool)

@@ -35,8 +35,8 @@ from .faces import Loop
 
 FAST = {"retry_after": 30.0, "lease": 5.0, "block_timeout": 0.2, "retry_delay": 0.01}
 MANY = 10_000
-DEAD_C = "{stream-c}:sb:dead:read-group-c"
-REPLAY_C = "{stream-c}:sb:replay:read-group-c"
+DEAD_C = "{stream-c}:sb:dead:8:stream-c:read-group-c"
+REPLAY_C = "{stream-c}:sb:replay:8:stream-c:read-group-c"
 
 
 def xlen(server: Server, stream: str = "stream-a", db: int = 0) -> int:
@@ -462,7 +462,9 @@ def test_replaying_a_packed_letter_another_replay_took_adds_nothing(
     client = server.client(3)
     letter_id, fields = packed_dead_letter(broker, client)
     client.xdel(DEAD_C, letter_id)  # as if another replay had just moved it
-    replay = _replay_whole("second", "stream-c", "read-group-c", letter_id, fields)
+    replay = _replay_whole(
+        "second", broker.registry.streams["stream-c"], "read-group-c", letter_id, fields
+    )
     assert drive(broker, replay, event_loop_thread) == 0
     assert client.xlen(REPLAY_C) == 0
 
@@ -474,7 +476,9 @@ def test_a_packed_letter_that_cannot_be_written_stays_a_dead_letter(
     letter_id, fields = packed_dead_letter(broker, client)
     client.delete(REPLAY_C)
     client.set(REPLAY_C, "not a stream")
-    replay = _replay_whole("second", "stream-c", "read-group-c", letter_id, fields)
+    replay = _replay_whole(
+        "second", broker.registry.streams["stream-c"], "read-group-c", letter_id, fields
+    )
     with pytest.raises(sb.ServerReplyError, match="WRONGTYPE") as caught:
         drive(broker, replay, event_loop_thread)
     assert f"dead letter {letter_id} of group 'read-group-c'" in str(caught.value)

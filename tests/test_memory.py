@@ -31,6 +31,8 @@ HEADROOM = 2 << 20
 #: How far under what it uses the limit is lowered once the server is full.
 SLACK = 256 << 10
 BODY = "x" * (32 << 10)
+#: The dead letters of read-group-a from stream-a.
+DEAD_A = dead_letter_key(sb.StreamSpec("stream-a", "default", ()), "read-group-a")
 
 
 class Memory:
@@ -160,7 +162,7 @@ def test_a_script_refused_for_memory_is_an_out_of_memory_error(
 ) -> None:
     broker = open_broker(config)
     broker.publish("stream-a", "one")
-    dead = dead_letter_key("stream-a", "read-group-a")
+    dead = DEAD_A
     server.client().xadd(dead, {"$body": "x"})
     memory.exhaust()
 
@@ -174,18 +176,18 @@ def test_a_script_refused_for_memory_is_an_out_of_memory_error(
 
 def test_leases_are_taken_and_renewed_without_memory(memory: Memory, server: Server) -> None:
     admin = server.client()
-    key = lease_key("g", "c")
+    key = lease_key("", "g", "c")
     memory.exhaust()
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         admin.set("another", "key")  # the server refuses new data
 
-    assert admin.execute_command(*acquire_command("g", "c", "token", 30_000)) == 1
+    assert admin.execute_command(*acquire_command("", "g", "c", "token", 30_000)) == 1
     assert admin.get(key) == b"token"
     admin.delete(key)  # the server lost it: renewing takes it back
-    assert admin.execute_command(*renew_command("g", "c", "token", 30_000)) == LEASE_RETAKEN
+    assert admin.execute_command(*renew_command("", "g", "c", "token", 30_000)) == LEASE_RETAKEN
     assert admin.get(key) == b"token"
     assert 0 < admin.pttl(key) <= 30_000
-    assert admin.execute_command(*renew_command("g", "c", "other", 30_000)) == 0
+    assert admin.execute_command(*renew_command("", "g", "c", "other", 30_000)) == 0
 
 
 def test_a_dead_letter_waits_in_the_consumer_until_the_server_has_memory(
@@ -212,7 +214,7 @@ def test_a_dead_letter_waits_in_the_consumer_until_the_server_has_memory(
             timeout=30,
             what="the warning that the dead letter waits",
         )
-        assert server.client().xlen(dead_letter_key("stream-a", "read-group-a")) == 0
+        assert server.client().xlen(DEAD_A) == 0
         assert server.client().xpending("stream-a", "read-group-a")["pending"] == 1  # kept
         memory.limit(0)  # memory again: a next round trip writes it
         wait_for(

@@ -225,7 +225,7 @@ def test_a_consumer_killed_by_its_event_buries_only_that_event(
         client = server.client()
         for _ in range(12):
             # As a supervisor restarting it: once the dead process's lease expired.
-            wait_for(lambda: not client.exists("sb:lease:read-group-a:w"), what="the lease")
+            wait_for(lambda: not client.exists("{sb:lease:12:read-group-a}:w"), what="the lease")
             run = subprocess.run(
                 [sys.executable, "-c", _KILLER, json.dumps(settings)],
                 capture_output=True,

@@ -153,7 +153,7 @@ def test_one_process_per_consumer_name(broker: sb.Broker, server: Server, spawn:
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     # The name is free once the lease (1 s here) expires, without any clean-up.
-    wait_for(lambda: not client.exists("sb:lease:read-group-a:only-one"), what="lease expiry")
+    wait_for(lambda: not client.exists("{sb:lease:12:read-group-a}:only-one"), what="lease expiry")
     third = spawn("read-group-a", "only-one", block=False)
     out, _ = third.communicate(timeout=30)
     assert third.returncode == 0, out
@@ -447,14 +447,14 @@ def test_sigterm_during_a_batch_finishes_and_acks_it(
     assert out.strip() == "exit:4"
     assert ids_of(client, "handled:graceful") == ids
     assert client.xpending("stream-a", "read-group-a")["pending"] == 0
-    assert not client.exists("sb:lease:read-group-a:graceful")  # the name is released
+    assert not client.exists("{sb:lease:12:read-group-a}:graceful")  # the name is released
 
 
 def test_stop_interrupts_a_blocking_read(broker: sb.Broker, server: Server) -> None:
     consumer = broker.consumer("read-group-c", "waiting", block_timeout=1.0)
     thread = threading.Thread(target=consumer.consume, args=(lambda events: None,))
     thread.start()
-    lease = "sb:lease:read-group-c:waiting"
+    lease = "{sb:lease:12:read-group-c}:waiting"
     wait_for(lambda: server.client(3).exists(lease), what="the consumer to start")
     consumer.stop()
     thread.join(timeout=10)

@@ -17,6 +17,8 @@ NAME_CHARS = st.characters(
     blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="*?[]"
 )
 VALID_NAMES = st.text(NAME_CHARS, min_size=1, max_size=128)
+#: Stream names without '}' (one holding it may be refused: see test_keys.py).
+STREAM_NAMES = VALID_NAMES.filter(lambda name: "}" not in name)
 
 
 def seed_in_code() -> sb.ValidatedRegistry:
@@ -458,7 +460,10 @@ def test_shape_error_in_a_file_names_the_file(tmp_path: Path) -> None:
 # --- properties -----------------------------------------------------------------------
 
 
-@given(pool=VALID_NAMES, streams=st.lists(VALID_NAMES, min_size=1, max_size=3, unique=True))
+@given(
+    pool=VALID_NAMES.filter(lambda name: name != "key_prefix"),
+    streams=st.lists(STREAM_NAMES, min_size=1, max_size=3, unique=True),
+)
 def test_any_valid_names_round_trip_through_yaml(pool: str, streams: list[str]) -> None:
     groups = {stream: [f"g-{i}", stream] for i, stream in enumerate(streams)}
     document = {pool: {"redis": "localhost:6379:1", "streams": groups}}

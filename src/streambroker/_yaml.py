@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from .config import Registry
 
 _POOL_KEYS = ("redis", "db", "streams")
+#: The one top-level key that is not a pool's name.
+_KEY_PREFIX = "key_prefix"
+_STR_TAG = "tag:yaml.org,2002:str"
 
 
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
@@ -81,11 +84,26 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
 
     problems: list[str] = []
     seen_pools: set[str] = set()
+    prefix_seen = False
     for key_node, pool_node in root.value:
         where = _line(name, key_node)
         pool = _scalar(key_node)
         if pool is None:
             problems.append(f"{where}: a redis pool name must be a plain string")
+            continue
+        if pool == _KEY_PREFIX:
+            if prefix_seen:
+                problems.append(f"{where}: {_KEY_PREFIX} is given twice")
+            elif not (isinstance(pool_node, yaml.ScalarNode) and pool_node.tag == _STR_TAG):
+                problems.append(
+                    f"{_line(name, pool_node)}: {_KEY_PREFIX} must be a string such as "
+                    f'"app:" (quote it), got {_shown(pool_node)} (no redis pool may be '
+                    f"named {_KEY_PREFIX})"
+                )
+            else:
+                registry._key_prefix = pool_node.value
+                registry._key_prefix_origin = _line(name, pool_node)
+            prefix_seen = True
             continue
         if pool in seen_pools:
             problems.append(f"{where}: redis pool {pool} is already registered")
@@ -99,7 +117,12 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
         fields = {}
         for field_key, field_value in pool_node.value:
             key = _scalar(field_key)
-            if key not in _POOL_KEYS:
+            if key == _KEY_PREFIX:
+                problems.append(
+                    f"{_line(name, field_key)}: redis pool {pool}: {_KEY_PREFIX} belongs "
+                    "at the top level, beside the pools (it applies to all of them)"
+                )
+            elif key not in _POOL_KEYS:
                 problems.append(
                     f"{_line(name, field_key)}: redis pool {pool}: unknown key {key!r} "
                     f"(expected {', '.join(_POOL_KEYS)})"
@@ -158,6 +181,13 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
     if problems:
         raise ConfigError(problems)
     return registry
+
+
+def _shown(node: yaml.Node) -> str:
+    """A short description of a node that is not a string, for messages."""
+    if isinstance(node, yaml.ScalarNode):
+        return "nothing" if _is_null(node) else f"the {node.tag.rpartition(':')[2]} {node.value}"
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
 
 
 def _is_null(node: yaml.Node) -> bool:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .errors import ConfigError
+from .keys import decode_key, slot_tag
 
 if TYPE_CHECKING:
     from .async_broker import AsyncBroker
@@ -29,6 +30,7 @@ __all__ = [
     "Registry",
     "StreamSpec",
     "ValidatedRegistry",
+    "check_key_prefix",
     "check_name",
 ]
 
@@ -108,11 +110,18 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A registered stream: its name, its pool and the consumer groups that read it."""
+    """A registered stream: its name, its pool, the consumer groups that read it and
+    its registry's ``key_prefix``."""
 
     name: str
     pool: str
     groups: tuple[str, ...]
+    key_prefix: str = ""
+
+    @property
+    def key(self) -> str:
+        """The stream's key on the server: the registry's key prefix, then its name."""
+        return self.key_prefix + self.name
 
 
 @dataclass(frozen=True)
@@ -120,11 +129,12 @@ class ValidatedRegistry:
     """An immutable, checked set of pools and streams; make brokers from it.
 
     Two validated registries are equal when they register the same pools (same
-    addresses) and the same streams with the same groups.
+    addresses) and the same streams with the same groups, under the same key prefix.
     """
 
     pools: Mapping[str, PoolSpec]
     streams: Mapping[str, StreamSpec]
+    key_prefix: str = ""
     groups: Mapping[str, tuple[str, ...]] = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -169,11 +179,18 @@ class _StreamEntry:
 
 
 class Registry:
-    """Collects Redis pools and streams; :meth:`validate` checks them all at once."""
+    """Collects Redis pools and streams; :meth:`validate` checks them all at once.
 
-    def __init__(self) -> None:
+    ``key_prefix`` starts every key the broker writes (streams, dead letters, replays,
+    leases), so that applications sharing a server do not see each other's keys;
+    it may not hold ``{`` or ``}``, whitespace, control or glob characters.
+    """
+
+    def __init__(self, key_prefix: str = "") -> None:
         self._pools: list[_PoolEntry] = []
         self._streams: list[_StreamEntry] = []
+        self._key_prefix: object = key_prefix
+        self._key_prefix_origin: str | None = None  # where the YAML gives it
 
     def register_redis(
         self,
@@ -206,6 +223,14 @@ class Registry:
         server is contacted.
         """
         problems: list[str] = []
+        prefix_problem = check_key_prefix(self._key_prefix)
+        if prefix_problem:
+            origin = self._key_prefix_origin
+            problems.append(f"{origin}: {prefix_problem}" if origin else prefix_problem)
+        # A bad prefix is reported once: the streams are checked as if there were none.
+        prefix = (
+            self._key_prefix if isinstance(self._key_prefix, str) and not prefix_problem else ""
+        )
         pools: dict[str, PoolSpec] = {}
         # Names registered so far, valid or not: a repeat is reported even when the
         # first registration has a problem of its own.
@@ -245,19 +270,25 @@ class Registry:
                 problems.append(f"{where}stream with name {s.name} already exists")
                 continue
             stream_names.add(s.name)
+            key_problem = _check_stream_key(prefix, s.name)
+            if key_problem:
+                problems.append(f"{where}stream {s.name}: {key_problem}")
             stream_problems = _check_stream(s, pool_names, bad_pool_names)
             problems.extend(stream_problems)
-            if not stream_problems:
+            if not stream_problems and not key_problem:
                 assert isinstance(s.pool, str)
                 assert isinstance(s.groups, tuple)
-                streams[s.name] = StreamSpec(s.name, s.pool, tuple(map(str, s.groups)))
+                groups = tuple(map(str, s.groups))
+                streams[s.name] = StreamSpec(s.name, s.pool, groups, prefix)
         if problems:
             raise ConfigError(problems)
-        return ValidatedRegistry(MappingProxyType(pools), MappingProxyType(streams))
+        return ValidatedRegistry(MappingProxyType(pools), MappingProxyType(streams), prefix)
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> Registry:
         """Load a registry from YAML text or a YAML file (see the README for the format).
+
+        The top-level key ``key_prefix`` (a string, beside the pools) sets the key prefix.
 
         Syntax and shape errors raise :class:`~streambroker.ConfigError` naming the
         file and line; the other checks happen in :meth:`validate`, also with lines.
@@ -265,6 +296,47 @@ class Registry:
         from ._yaml import load_registry
 
         return load_registry(cls(), source)
+
+
+def check_key_prefix(prefix: object) -> str | None:
+    """Return why ``prefix`` is not a valid key prefix, or None when it is valid.
+
+    A prefix is a name (see :func:`check_name`) or empty, and holds neither ``{`` nor
+    ``}``: a brace would change which part of the keys Redis Cluster hashes.
+    """
+    if prefix == "":
+        return None
+    problem = check_name("key prefix", prefix)
+    if problem:
+        return problem.replace("key prefix name", "key prefix")
+    assert isinstance(prefix, str)
+    if "{" in prefix or "}" in prefix:
+        return (
+            f"key prefix {prefix!r} holds a brace: a prefix may not hold {{ or }}, which "
+            "would change the hash slot of the keys it starts"
+        )
+    return None
+
+
+def _check_stream_key(prefix: str, name: str) -> str | None:
+    """Why the stream ``name``'s key cannot be used, or None when it can."""
+    key = prefix + name
+    derived = decode_key(prefix, key)
+    if derived is not None:
+        return f"its key {key!r} is {derived.describe()}: choose another name"
+    tag = slot_tag(key)
+    if tag is None:
+        return (
+            f"the name holds '}}' without a hash tag ({{...}} with text inside before it): "
+            f"Redis Cluster hashes the whole key {key!r}, so the stream's dead letters and "
+            "replays cannot share its hash slot; remove the '}' or give the name a hash tag"
+        )
+    if tag.startswith("sb:lease:"):
+        return (
+            f"its hash tag {{{tag}}} starts with 'sb:lease:', which is kept for the keys of "
+            "consumer leases: its dead letters and replays could take a lease's key"
+        )
+    return None
 
 
 def _check_stream(s: _StreamEntry, pools: set[str], bad_pools: set[str]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._effects import Command, Handle, Op, Parallel, ReplyError, Send, Sleep, describe, single
 from .backoff import backoff
-from .config import check_name
+from .config import StreamSpec, check_name
 from .core import BrokerCore
 from .deadletters import dead_letter_command
 from .delivery import (
@@ -129,10 +129,15 @@ class ConsumerOptions:
 class _Source:
     """One stream key a consumer reads: a registered stream, or its replay stream."""
 
-    stream: str
+    spec: StreamSpec
     key: str
     pool: str
     groups: tuple[str, ...]
+
+    @property
+    def stream(self) -> str:
+        """The name of the registered stream."""
+        return self.spec.name
 
 
 @dataclass
@@ -179,13 +184,14 @@ class ConsumerCore:
         self.options = options
         sources = []
         for spec in streams:
-            sources.append(_Source(spec.name, spec.name, spec.pool, spec.groups))
-            sources.append(_Source(spec.name, replay_key(spec.name, group), spec.pool, (group,)))
+            sources.append(_Source(spec, spec.key, spec.pool, spec.groups))
+            sources.append(_Source(spec, replay_key(spec, group), spec.pool, (group,)))
         self._sources = {source.key: source for source in sources}
         self._by_pool: dict[str, list[_Source]] = {}
         for source in sources:
             self._by_pool.setdefault(source.pool, []).append(source)
         self._lease_pool = streams[0].pool
+        self._prefix = core.registry.key_prefix
         self._block = options.block_timeout
         if len(self._by_pool) > 1:
             self._block = min(self._block, MULTI_POOL_BLOCK)
@@ -335,7 +341,7 @@ class ConsumerCore:
         self._lease_lost = False
         ttl = int(self.options.lease * 1000)
         (reply,) = yield single(
-            self._lease_pool, *acquire_command(self.group, self.name, token, ttl)
+            self._lease_pool, *acquire_command(self._prefix, self.group, self.name, token, ttl)
         )
         if reply != 1:
             self._token = ""
@@ -395,7 +401,9 @@ class ConsumerCore:
         if not token or self._lease_lost:
             return
         try:
-            yield single(self._lease_pool, *release_command(self.group, self.name, token))
+            yield single(
+                self._lease_pool, *release_command(self._prefix, self.group, self.name, token)
+            )
         except BrokerError as exc:
             log.warning(
                 "consumer %s of group %s: could not release its lease: %s",
@@ -472,7 +480,8 @@ class ConsumerCore:
             plan = self._outgoing_commands(pool)
             if renew and pool == self._lease_pool:
                 ttl = int(self.options.lease * 1000)
-                plan.append(("renew", "", renew_command(self.group, self.name, self._token, ttl)))
+                command = renew_command(self._prefix, self.group, self.name, self._token, ttl)
+                plan.append(("renew", "", command))
             for source in sources:
                 key = source.key
                 if key in due:
@@ -683,7 +692,7 @@ class ConsumerCore:
             error,
         )
         command = dead_letter_command(
-            source.stream, event.key, self.group, self.name, event.id, error, deliveries
+            source.spec, event.key, self.group, self.name, event.id, error, deliveries
         )
         self._outgoing[source.pool].dead.append((event.key, command))
 
@@ -812,7 +821,9 @@ class ConsumerCore:
             ]
             if pool == self._lease_pool:
                 ttl = int(self.options.lease * 1000)
-                commands.append(renew_command(self.group, self.name, self._token, ttl))
+                commands.append(
+                    renew_command(self._prefix, self.group, self.name, self._token, ttl)
+                )
             if commands:
                 sends.append(Send(pool, commands))
         results = yield Parallel(sends)
@@ -854,7 +865,8 @@ class ConsumerCore:
 
 def _lease_alive(core: BrokerCore, group: str, names: list[str]) -> Op[dict[str, bool]]:
     pool = core.group_streams(group)[0].pool
-    replies = yield Send(pool, [("EXISTS", lease_key(group, name)) for name in names])
+    prefix = core.registry.key_prefix
+    replies = yield Send(pool, [("EXISTS", lease_key(prefix, group, name)) for name in names])
     return {name: bool(reply) for name, reply in zip(names, replies, strict=True)}
 
 
@@ -873,7 +885,7 @@ def claim(core: BrokerCore, group: str, source: str, target: str, force: bool = 
         yield from _refuse_running(core, group, source)
     moved = 0
     for spec in streams:
-        for key in (spec.name, replay_key(spec.name, group)):
+        for key in (spec.key, replay_key(spec, group)):
             while True:
                 (count,) = yield single(spec.pool, *claim_all_command(key, group, source, target))
                 moved += int(count)
@@ -935,7 +947,7 @@ def _delete_consumer(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
     """``XGROUP DELCONSUMER`` where ``name`` holds nothing pending; the streams where it stays."""
     kept: list[str] = []
     for spec in core.group_streams(group):
-        for key in (spec.name, replay_key(spec.name, group)):
+        for key in (spec.key, replay_key(spec, group)):
             (result,) = yield single(spec.pool, "EVAL", _DELCONSUMER, 1, key, group, name)
             if result == -1 and spec.name not in kept:
                 kept.append(spec.name)
@@ -944,7 +956,7 @@ def _delete_consumer(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
 
 def _live_consumer(core: BrokerCore, group: str, exclude: str) -> Op[str | None]:
     spec = core.group_streams(group)[0]
-    (rows,) = yield single(spec.pool, "XINFO", "CONSUMERS", spec.name, group)
+    (rows,) = yield single(spec.pool, "XINFO", "CONSUMERS", spec.key, group)
     names = []
     for row in rows:
         info = dict(zip(row[::2], row[1::2], strict=True))

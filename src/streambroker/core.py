@@ -165,7 +165,7 @@ class BrokerCore:
                 for stream in self.registry.streams.values()
                 if stream.pool == pool
                 for group in stream.groups
-                for key in (stream.name, replay_key(stream.name, group))
+                for key in (stream.key, replay_key(stream, group))
             ]
             if commands:
                 sends.append(Send(pool, commands, allow_errors=True))

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._effects import Command, Op, Send, single
+from .config import StreamSpec
 from .core import BrokerCore
 from .errors import DecodeError, ServerReplyError
 from .events import Event
@@ -123,10 +124,17 @@ class DeadLetter:
 
 
 def dead_letter_command(
-    stream: str, key: str, group: str, consumer: str, event_id: str, error: str, deliveries: int
+    stream: StreamSpec,
+    key: str,
+    group: str,
+    consumer: str,
+    event_id: str,
+    error: str,
+    deliveries: int,
 ) -> Command:
     """Move one pending event of ``consumer`` to the dead letters; the reply is 1, or 0
-    when the event is no longer this consumer's."""
+    when the event is no longer this consumer's. ``key`` is the stream or replay key
+    the event is pending in."""
     return (
         "EVAL",
         _DEAD,
@@ -136,7 +144,7 @@ def dead_letter_command(
         group,
         consumer,
         event_id,
-        stream,
+        stream.name,
         error[:MAX_ERROR_LENGTH],
         deliveries,
         MAX_COPIED_FIELDS,
@@ -192,9 +200,9 @@ def list_dead_letters(
     core: BrokerCore, stream: str, group: str, limit: int = 1000
 ) -> Op[list[DeadLetter]]:
     """The oldest ``limit`` dead letters of ``group`` from ``stream``."""
-    pool = core.stream_group(stream, group).pool
+    spec = core.stream_group(stream, group)
     (entries,) = yield Send(
-        pool, [("XRANGE", dead_letter_key(stream, group), "-", "+", "COUNT", limit)]
+        spec.pool, [("XRANGE", dead_letter_key(spec, group), "-", "+", "COUNT", limit)]
     )
     letters = []
     for raw_id, fields in entries:
@@ -216,9 +224,10 @@ def list_dead_letters(
 
 def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     """Deliver every dead letter of ``group`` from ``stream`` again, to that group only."""
-    pool = core.stream_group(stream, group).pool
+    spec = core.stream_group(stream, group)
+    pool = spec.pool
     yield from core.ensure_groups((pool,))
-    dead, replay = dead_letter_key(stream, group), replay_key(stream, group)
+    dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
     copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     moved = 0
     while True:
@@ -226,19 +235,20 @@ def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
         count, more, letter_id, fields = reply
         moved += int(count)
         if letter_id:
-            moved += yield from _replay_whole(pool, stream, group, letter_id.decode(), fields)
+            moved += yield from _replay_whole(pool, spec, group, letter_id.decode(), fields)
         elif not more:
             return moved
 
 
 def _replay_whole(
-    pool: str, stream: str, group: str, letter_id: str, fields: list[bytes]
+    pool: str, spec: StreamSpec, group: str, letter_id: str, fields: list[bytes]
 ) -> Op[int]:
     """Replay one dead letter too large for a script to copy; 1, or 0 when another
     replay took it first."""
+    stream = spec.name
     original, added = _letter(stream, group, letter_id, fields)
     entry = original + [word for item in added.items() for word in item]
-    dead, replay = dead_letter_key(stream, group), replay_key(stream, group)
+    dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
     replies = yield Send(
         pool,
         [

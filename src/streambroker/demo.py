@@ -87,10 +87,10 @@ class _Tally:
 def _start_afresh(config: ValidatedRegistry) -> Op[None]:
     """Delete the demo's streams (their groups go with them) and dead letters."""
     keys: dict[str, list[str]] = {}
-    for stream, spec in config.streams.items():
-        keys.setdefault(spec.pool, []).append(stream)
+    for spec in config.streams.values():
+        keys.setdefault(spec.pool, []).append(spec.key)
         for group in spec.groups:
-            keys[spec.pool] += [dead_letter_key(stream, group), replay_key(stream, group)]
+            keys[spec.pool] += [dead_letter_key(spec, group), replay_key(spec, group)]
     yield Parallel([Send(pool, [("DEL", name) for name in names]) for pool, names in keys.items()])
 
 

@@ -141,10 +141,10 @@ def collect(core: BrokerCore, streams: Iterable[str]) -> Op[dict[str, int]]:
     for pool, pool_streams in per_pool.items():
         plan = plans[pool] = []
         for stream in pool_streams:
-            groups = core.registry.streams[stream].groups
-            plan.append((stream, collect_command(stream, groups)))
-            for group in groups:
-                plan.append((stream, collect_command(replay_key(stream, group), (group,))))
+            spec = core.registry.streams[stream]
+            plan.append((stream, collect_command(spec.key, spec.groups)))
+            for group in spec.groups:
+                plan.append((stream, collect_command(replay_key(spec, group), (group,))))
     sends = [
         Send(pool, [command for _, command in plan], allow_errors=True)
         for pool, plan in plans.items()

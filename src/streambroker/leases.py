@@ -48,17 +48,18 @@ return 0
 """
 
 
-def acquire_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
-    """Take the lease; the reply is 1, or minus the holder's remaining milliseconds."""
-    return ("EVAL", _ACQUIRE, 1, lease_key(group, consumer), token, ttl_ms)
+def acquire_command(prefix: str, group: str, consumer: str, token: str, ttl_ms: int) -> Command:
+    """Take the lease (keys start with ``prefix``); the reply is 1, or minus the
+    holder's remaining milliseconds."""
+    return ("EVAL", _ACQUIRE, 1, lease_key(prefix, group, consumer), token, ttl_ms)
 
 
-def renew_command(group: str, consumer: str, token: str, ttl_ms: int) -> Command:
+def renew_command(prefix: str, group: str, consumer: str, token: str, ttl_ms: int) -> Command:
     """Renew the lease; the reply is 0 when another process holds the name now, and
     :data:`LEASE_RETAKEN` when it had vanished."""
-    return ("EVAL", _RENEW, 1, lease_key(group, consumer), token, ttl_ms)
+    return ("EVAL", _RENEW, 1, lease_key(prefix, group, consumer), token, ttl_ms)
 
 
-def release_command(group: str, consumer: str, token: str) -> Command:
+def release_command(prefix: str, group: str, consumer: str, token: str) -> Command:
     """Give the lease up if it is still ours."""
-    return ("EVAL", _RELEASE, 1, lease_key(group, consumer), token)
+    return ("EVAL", _RELEASE, 1, lease_key(prefix, group, consumer), token)

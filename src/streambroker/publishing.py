@@ -22,7 +22,7 @@ def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | No
     """The ``XADD`` of one event; raises for an event that cannot be sent."""
     spec = core.stream(stream)
     fields = encode_fields(spec.name, body, meta, core.codec, core.max_body_size)
-    return ("XADD", spec.name, "*", *fields)
+    return ("XADD", spec.key, "*", *fields)
 
 
 def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:

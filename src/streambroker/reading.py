@@ -50,9 +50,9 @@ def read(
                 f"({socket_timeout} s)"
             )
         command += ("BLOCK", max(1, int(block * 1000)))
-    (reply,) = yield Send(spec.pool, ((*command, "STREAMS", spec.name, after),))
+    (reply,) = yield Send(spec.pool, ((*command, "STREAMS", spec.key, after),))
     return [
-        Event(spec.name, raw_id.decode(), fields)
+        Event(spec.name, raw_id.decode(), fields, spec.key)
         for _, entries in reply or ()
         for raw_id, fields in entries
     ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ._effects import Command, Op, Parallel, ReplyError, Send
+from .config import StreamSpec
 from .core import BrokerCore
 from .keys import dead_letter_key, lease_key, replay_key
 
@@ -98,25 +99,27 @@ def _age(now_ms: int, event_id: bytes | str | None) -> float | None:
 @dataclass
 class _Plan:
     stream: str
+    key: str
     pool: str
     groups: tuple[str, ...]
     commands: list[Command]
 
 
-def _first_round(stream: str, pool: str, groups: tuple[str, ...]) -> _Plan:
+def _first_round(spec: StreamSpec) -> _Plan:
+    key = spec.key
     commands: list[Command] = [
         ("TIME",),
-        ("XINFO", "STREAM", stream),
-        ("XINFO", "GROUPS", stream),
+        ("XINFO", "STREAM", key),
+        ("XINFO", "GROUPS", key),
     ]
-    for group in groups:
+    for group in spec.groups:
         commands += [
-            ("XPENDING", stream, group),
-            ("XINFO", "CONSUMERS", stream, group),
-            ("XINFO", "GROUPS", replay_key(stream, group)),
-            ("XLEN", dead_letter_key(stream, group)),
+            ("XPENDING", key, group),
+            ("XINFO", "CONSUMERS", key, group),
+            ("XINFO", "GROUPS", replay_key(spec, group)),
+            ("XLEN", dead_letter_key(spec, group)),
         ]
-    return _Plan(stream, pool, groups, commands)
+    return _Plan(spec.name, key, spec.pool, spec.groups, commands)
 
 
 def _check(pool: str, stream: str, reply: Any) -> Any:
@@ -166,7 +169,8 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
     names = list(dict.fromkeys(streams)) or list(core.registry.streams)
     specs = [core.stream(name) for name in names]
     yield from core.ensure_groups(spec.pool for spec in specs)
-    plans = [_first_round(spec.name, spec.pool, spec.groups) for spec in specs]
+    plans = [_first_round(spec) for spec in specs]
+    prefix = core.registry.key_prefix
     replies = yield from _run(plans)
 
     drafts: list[tuple[StreamStats, list[_Draft]]] = []
@@ -188,11 +192,11 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         for draft in groups:
             last = draft.stats.last_delivered_id
             if not draft.lag_known:
-                follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.stream, last, LAG_COUNT_LIMIT))
+                follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.key, last, LAG_COUNT_LIMIT))
             if _may_have_unread(draft):
-                follow_up.append(("XRANGE", plan.stream, f"({last}", "+", "COUNT", 1))
+                follow_up.append(("XRANGE", plan.key, f"({last}", "+", "COUNT", 1))
             follow_up += [
-                ("EXISTS", lease_key(draft.stats.group, _name(row["name"])))
+                ("EXISTS", lease_key(prefix, draft.stats.group, _name(row["name"])))
                 for row in draft.consumers
             ]
         stream = StreamStats(
@@ -205,7 +209,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
         )
         drafts.append((stream, groups))
-        second.append(_Plan(plan.stream, plan.pool, plan.groups, follow_up))
+        second.append(_Plan(plan.stream, plan.key, plan.pool, plan.groups, follow_up))
 
     answers = yield from _run(second)
     result = []

@@ -143,7 +143,7 @@ class Scenario:
         client = self.client()
         try:
             self.wait_for(
-                lambda: all(client.exists(lease_key(p.group, p.name)) for p in self.consumers),
+                lambda: all(client.exists(lease_key("", p.group, p.name)) for p in self.consumers),
                 "every consumer to start consuming",
             )
         finally:
