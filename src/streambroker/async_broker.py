@@ -123,8 +123,12 @@ class AsyncBatch(BatchFace):
     async def __aenter__(self) -> AsyncBatch:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, *rest: object
+    ) -> None:
+        if exc_type is not None:
+            self._buffer.discard(exc)
+        else:
             await self.flush()
 
 

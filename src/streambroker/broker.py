@@ -156,9 +156,13 @@ class Batch(BatchFace):
     def __enter__(self) -> Batch:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, *rest: object
+    ) -> None:
         if exc_type is None:
             self.flush()
+        else:
+            self._buffer.discard(exc)
 
 
 class Consumer(ConsumerFace):

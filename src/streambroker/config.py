@@ -89,6 +89,17 @@ class PoolSpec:
     tls_warning: str | None = field(default=None, repr=False, compare=False)
 
     @property
+    def server_address(self) -> str:
+        """The server's host name or address, or its unix socket (as traces name it)."""
+        if self.kind == "tcp":
+            return str(self.host)
+        if self.kind == "embedded":
+            return f"{self.data_dir}/valkey.sock"
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        return parts.hostname or parts.path
+
+    @property
     def display_address(self) -> str:
         """The address with any password masked, fit for logs and messages."""
         if self.kind == "tcp":

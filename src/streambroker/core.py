@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._effects import Op, Parallel, ReplyError, Send
 from .codecs import Codec, get_codec
@@ -21,6 +21,9 @@ from .errors import (
 )
 from .keys import replay_key
 from .observer import Observer
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 from .routes import Route, check_kind, check_routes, router
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
@@ -77,6 +80,8 @@ class BrokerCore:
         self._handlers: dict[str, _GroupHandlers] = {}
         #: Told what the broker does (its metrics), when set.
         self.observer: Observer | None = None
+        #: Makes the spans of publishing and consuming, when set.
+        self.tracing: Tracing | None = None
 
     def add_handler(
         self,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._effects import Command, Op, Parallel, Send
 from .core import BrokerCore
 from .errors import BrokerError
 from .wire import encode_fields
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = ["BatchBuffer", "publish"]
 
@@ -27,6 +30,12 @@ def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | No
 
 def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     """Publish one event; returns its id."""
+    if core.tracing is not None:
+        return (yield from _traced(core, stream, body, meta))
+    return (yield from _publish(core, stream, body, meta))
+
+
+def _publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     spec = core.stream(stream)
     command = _xadd(core, stream, body, meta)
     if not core.is_ready(spec.pool):
@@ -37,6 +46,21 @@ def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | 
     return reply.decode()  # type: ignore[no-any-return]
 
 
+def _traced(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
+    """:func:`publish` inside a PRODUCER span whose context the event carries."""
+    tracing = core.tracing
+    assert tracing is not None
+    spec = core.stream(stream)
+    span = tracing.start_send(spec.name, core.registry.pools[spec.pool].server_address)
+    try:
+        event_id = yield from _publish(core, stream, body, tracing.carrier(span, meta))
+    except BaseException as exc:
+        tracing.finish_send(span, [spec.name], [], exc)
+        raise
+    tracing.finish_send(span, [spec.name], [event_id], None)
+    return event_id
+
+
 class BatchBuffer:
     """Events encoded and waiting to be sent together; :meth:`flush` sends them."""
 
@@ -44,19 +68,49 @@ class BatchBuffer:
         self._core = core
         self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
         self.ids: list[str] = []
+        self._span: Span | None = None  # with tracing: the batch's PRODUCER span
 
     def __len__(self) -> int:
         return len(self._commands)
 
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
+        tracing = self._core.tracing
+        if tracing is not None:
+            spec = self._core.stream(stream)
+            if self._span is None:
+                server = self._core.registry.pools[spec.pool].server_address
+                self._span = tracing.start_send(spec.name, server)
+            meta = tracing.carrier(self._span, meta)
         command = _xadd(self._core, stream, body, meta)
         self._commands.append((self._core.registry.streams[stream].pool, stream, command))
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Drop the queued events unsent (the batch's block raised ``error``)."""
+        self._commands.clear()
+        self._end_span([], error)
+
+    def _end_span(self, ids: list[str], error: BaseException | None) -> None:
+        if self._span is not None and self._core.tracing is not None:
+            streams = [stream for _, stream, _ in self._commands]
+            self._core.tracing.finish_send(self._span, streams, ids, error)
+            self._span = None
 
     def flush(self) -> Op[list[str]]:
         """Send every queued event, one pipeline per pool; returns all ids in order."""
         if not self._commands:
             return self.ids
+        try:
+            ids = yield from self._send()
+        except BaseException as exc:
+            self._end_span([], exc)
+            raise
+        self._end_span(ids, None)
+        self._commands.clear()
+        self.ids.extend(ids)
+        return ids
+
+    def _send(self) -> Op[list[str]]:
         per_pool: dict[str, list[Command]] = {}
         for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
@@ -72,6 +126,4 @@ class BatchBuffer:
         if observer is not None:
             for (pool, stream), count in Counter((p, s) for p, s, _ in self._commands).items():
                 observer.published(pool, stream, count)
-        self._commands.clear()
-        self.ids.extend(ids)
         return ids
