@@ -118,8 +118,9 @@ def with_text(command: Command) -> Command:
 
 
 def _missing(send: Send, replies: Sequence[Any]) -> list[int]:
-    """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``,
-    outside a transaction: there the script did not run, and nothing else depends on it."""
+    """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``:
+    the script did not run. Never within ``MULTI`` … ``EXEC``: sent alone, the script
+    would run outside the transaction, whose other commands were applied or not."""
     missing = []
     queued = False
     for index, (command, reply) in enumerate(zip(send.commands, replies, strict=True)):
