@@ -224,6 +224,19 @@ def test_a_user_without_eval_is_refused_the_scripts_not_loaded(
     assert {entry["object"] for entry in acl_log(server)} == {"eval"}
 
 
+def test_a_refused_evalsha_names_the_scripts_key(
+    server: Server, open_broker: OpenBroker, users: Users
+) -> None:
+    broker = open_broker(users.config("-evalsha"))
+    consumer = broker.consumer("read-group-a", "denied", **FAST)
+
+    error = raised_within(30, lambda: consumer.consume(lambda events: None, block=True))
+
+    assert isinstance(error, sb.PoolPermissionError), repr(error)
+    assert error.command == f"script on {lease_key('read-group-a', 'denied')}"
+    assert "no permissions to run the 'evalsha' command" in str(error)
+
+
 def test_load_scripts_names_the_pool_it_is_refused_on(
     server: Server, open_broker: OpenBroker, users: Users
 ) -> None:
