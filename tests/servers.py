@@ -117,10 +117,12 @@ class ServerProcess:
         return f"{info.get('server_name', 'redis')} {info['redis_version']}"
 
     def flush(self) -> None:
-        """Empty every database of the server."""
+        """Empty every database of the server, and its script cache: every test starts
+        as on a server the broker never used."""
         client = self.client()
         try:
             client.flushall()
+            client.script_flush()
         finally:
             client.close()
 

@@ -142,13 +142,18 @@ class Record:
                 self.late.extend(event.id for event in events)
 
 
+#: The commands that run scripts (by text, or by SHA1 once the server has them).
+EVALS = ("eval", "evalsha")
+
+
 def beat_waiter(server: Server, cancel: Cancel) -> Callable[[], None]:
     """Waits until the consumer's heartbeat ran (its lease renewal and touch are the
     only scripts run meanwhile), or the task was cancelled."""
     client = server.client()
 
     def evals() -> int:
-        calls: int = client.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+        stats = client.info("commandstats")
+        calls: int = sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in EVALS)
         return calls
 
     def wait() -> None:

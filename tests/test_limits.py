@@ -16,6 +16,7 @@ import pytest
 import redis
 
 import streambroker as sb
+from streambroker._effects import with_text
 from streambroker.codecs import get_codec
 from streambroker.deadletters import MAX_COPIED_FIELDS, _replay_whole
 from streambroker.delivery import (
@@ -130,7 +131,7 @@ def pending_of(client: redis.Redis, key: str = "s", group: str = "g") -> dict[st
 
 
 def run(client: redis.Redis, command: tuple[Any, ...]) -> Any:
-    return client.execute_command(*command)
+    return client.execute_command(*with_text(command))
 
 
 @pytest.fixture

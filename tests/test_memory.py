@@ -15,6 +15,7 @@ import pytest
 import redis
 
 import streambroker as sb
+from streambroker._effects import with_text
 from streambroker.keys import dead_letter_key, lease_key
 from streambroker.leases import LEASE_RETAKEN, acquire_command, renew_command
 
@@ -181,13 +182,14 @@ def test_leases_are_taken_and_renewed_without_memory(memory: Memory, server: Ser
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         admin.set("another", "key")  # the server refuses new data
 
-    assert admin.execute_command(*acquire_command("", "g", "c", "token", 30_000)) == 1
+    assert admin.execute_command(*with_text(acquire_command("", "g", "c", "token", 30_000))) == 1
     assert admin.get(key) == b"token"
     admin.delete(key)  # the server lost it: renewing takes it back
-    assert admin.execute_command(*renew_command("", "g", "c", "token", 30_000)) == LEASE_RETAKEN
+    renew = renew_command("", "g", "c", "token", 30_000)
+    assert admin.execute_command(*with_text(renew)) == LEASE_RETAKEN
     assert admin.get(key) == b"token"
     assert 0 < admin.pttl(key) <= 30_000
-    assert admin.execute_command(*renew_command("", "g", "c", "other", 30_000)) == 0
+    assert admin.execute_command(*with_text(renew_command("", "g", "c", "other", 30_000))) == 0
 
 
 def test_a_dead_letter_waits_in_the_consumer_until_the_server_has_memory(

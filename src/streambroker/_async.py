@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+from collections.abc import Sequence
 from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar
@@ -141,23 +142,31 @@ class AsyncDriver:
 
     async def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            pool = (await self.client(send.pool)).connection_pool
-            with fx.translated(send.pool, self._registry.pools[send.pool].tls):
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                await connection.send_packed_command(fx.pack(send.commands))
-                replies: list[Any] = []
-                for _ in send.commands:
-                    try:
-                        replies.append(await connection.read_response())
-                    except rex.ResponseError as exc:
-                        replies.append(exc)
-            except BaseException:
-                await connection.disconnect(nowait=True)
-                raise
-            finally:
-                await pool.release(connection)
+            replies = await self._round_trip(send.pool, send.commands)
+            again = fx.missing_scripts(send, replies)
+            if again:
+                replies = fx.put_back(send, replies, await self._round_trip(send.pool, again))
             return fx.settle(send, replies)
+
+    async def _round_trip(self, name: str, commands: Sequence[fx.Command]) -> list[Any]:
+        """The raw replies to ``commands``, error replies in place."""
+        pool = (await self.client(name)).connection_pool
+        with fx.translated(name, self._registry.pools[name].tls):
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(fx.pack(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
 
     async def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         if len(parallel.sends) <= 1:

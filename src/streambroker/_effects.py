@@ -8,10 +8,11 @@ throws the error into the generator. No logic lives in an I/O layer.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import hiredis
@@ -85,6 +86,76 @@ class Sleep:
 
 
 Effect = Send | Parallel | Handle | Sleep
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A server-side Lua script of the broker, sent as ``EVALSHA`` with its :attr:`sha`.
+
+    Every script made is listed by :func:`scripts`; when the server does not have one
+    (``NOSCRIPT``), the I/O layers send it again as ``EVAL`` with its :attr:`text`
+    (see :func:`missing_scripts`).
+    """
+
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+        _SCRIPTS[self.sha] = self
+
+
+_SCRIPTS: dict[str, Script] = {}
+
+
+def scripts() -> list[Script]:
+    """Every script made so far (those of the modules imported), oldest first."""
+    return list(_SCRIPTS.values())
+
+
+def with_text(command: Command) -> Command:
+    """The ``EVALSHA`` ``command`` of a :class:`Script` as ``EVAL`` with the script's text."""
+    return ("EVAL", _SCRIPTS[_text(command[1])].text, *command[2:])
+
+
+def _missing(send: Send, replies: Sequence[Any]) -> list[int]:
+    """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``:
+    the script did not run. Never within ``MULTI`` … ``EXEC``: sent alone, the script
+    would run outside the transaction, whose other commands were applied or not."""
+    missing = []
+    queued = False
+    for index, (command, reply) in enumerate(zip(send.commands, replies, strict=True)):
+        name = _text(command[0]).upper()
+        if name == "MULTI":
+            queued = True
+        elif name in ("EXEC", "DISCARD"):
+            queued = False
+        elif (
+            not queued
+            and name == "EVALSHA"
+            and isinstance(reply, rex.NoScriptError)
+            and _text(command[1]) in _SCRIPTS
+        ):
+            missing.append(index)
+    return missing
+
+
+def missing_scripts(send: Send, replies: Sequence[Any]) -> list[Command]:
+    """The commands to send again, as ``EVAL`` with their text, after ``replies`` (raw,
+    errors in place) to ``send``: those whose script the server did not have.
+
+    Nothing else is ever sent again. A script sent again runs after the commands that
+    followed it in ``send``; the broker's round trips do not depend on that order.
+    """
+    return [with_text(send.commands[index]) for index in _missing(send, replies)]
+
+
+def put_back(send: Send, replies: list[Any], again: Sequence[Any]) -> list[Any]:
+    """``replies`` to ``send`` with the replies ``again`` to its :func:`missing_scripts`
+    in place of their ``NOSCRIPT`` ones."""
+    for index, reply in zip(_missing(send, replies), again, strict=True):
+        replies[index] = reply
+    return replies
 
 
 #: A command of a script refused by the ACL makes a plain ``ERR`` reply, not ``NOPERM``:

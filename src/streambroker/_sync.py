@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -137,23 +138,31 @@ class SyncDriver:
 
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            pool = self.client(send.pool).connection_pool
-            with fx.translated(send.pool, self._registry.pools[send.pool].tls):
-                connection = pool.get_connection()
-            try:
-                connection.send_packed_command(fx.pack(send.commands))  # type: ignore[no-untyped-call]
-                replies: list[Any] = []
-                for _ in send.commands:
-                    try:
-                        replies.append(connection.read_response())
-                    except rex.ResponseError as exc:
-                        replies.append(exc)
-            except BaseException:
-                connection.disconnect()  # type: ignore[no-untyped-call]
-                raise
-            finally:
-                pool.release(connection)
+            replies = self._round_trip(send.pool, send.commands)
+            again = fx.missing_scripts(send, replies)
+            if again:
+                replies = fx.put_back(send, replies, self._round_trip(send.pool, again))
             return fx.settle(send, replies)
+
+    def _round_trip(self, name: str, commands: Sequence[fx.Command]) -> list[Any]:
+        """The raw replies to ``commands``, error replies in place."""
+        pool = self.client(name).connection_pool
+        with fx.translated(name, self._registry.pools[name].tls):
+            connection = pool.get_connection()
+        try:
+            connection.send_packed_command(fx.pack(commands))  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except rex.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            pool.release(connection)
+        return replies
 
     def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
         sends = parallel.sends

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, reading, stats
+from . import consuming, deadletters, gc, reading, scripts, stats
 from ._async import AsyncDriver
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from .config import ValidatedRegistry
@@ -94,6 +94,10 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
     async def remove_consumer(self, group: str, name: str, to: str | None = None) -> int:
         """Delete a stopped consumer, moving its pending events first."""
         return await self._driver.run(consuming.remove_consumer(self._core, group, name, to))
+
+    async def load_scripts(self) -> dict[str, int]:
+        """Load every script on every pool (as :meth:`Broker.load_scripts`)."""
+        return await self._driver.run(scripts.load_scripts(self._core))
 
     async def close(self) -> None:
         """Close every connection of this broker."""

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from types import FrameType
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, reading, stats
+from . import consuming, deadletters, gc, reading, scripts, stats
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
@@ -125,6 +125,16 @@ class Broker(BrokerFace[SyncDriver]):
         pending events that nobody can take.
         """
         return self._driver.run(consuming.remove_consumer(self._core, group, name, to))
+
+    def load_scripts(self) -> dict[str, int]:
+        """Load every server-side script of the broker on every pool (``SCRIPT LOAD``).
+
+        Scripts go out by their SHA1 (``EVALSHA``), and with their text (``EVAL``)
+        only when a server lacks one; a user allowed ``EVALSHA`` but not ``EVAL``
+        works once an administrator loaded them, after each server restart or
+        ``SCRIPT FLUSH``. Returns how many scripts were loaded on each pool.
+        """
+        return self._driver.run(scripts.load_scripts(self._core))
 
     def close(self) -> None:
         """Close every connection of this broker."""

@@ -130,6 +130,8 @@ app = typer.Typer(
 )
 server_app = typer.Typer(help="The embedded server.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
+scripts_app = typer.Typer(help="The broker's server-side scripts.", no_args_is_help=True)
+app.add_typer(scripts_app, name="scripts")
 
 
 def _console() -> Console:
@@ -819,6 +821,19 @@ def dead_letters(
             _cell(letter.event.id), str(letter.deliveries), _cell(letter.error), Text(content)
         )
     _console().print(table)
+
+
+# -- scripts --------------------------------------------------------------------------
+
+
+@scripts_app.command("load")
+def scripts_load(ctx: typer.Context, config: ConfigPath = None) -> None:
+    """Load the broker's scripts on every pool (SCRIPT LOAD), for users allowed EVALSHA
+    but not EVAL; again after each restart of a server or SCRIPT FLUSH."""
+    with _broker(ctx, config) as broker:
+        loaded = broker.load_scripts()
+    for pool, count in loaded.items():
+        print(_safe(f"loaded {count} scripts on pool {pool}"))
 
 
 # -- demo and the embedded server -----------------------------------------------------

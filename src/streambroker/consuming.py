@@ -21,7 +21,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._effects import Command, Handle, Op, Parallel, ReplyError, Send, Sleep, describe, single
+from ._effects import (
+    Command,
+    Handle,
+    Op,
+    Parallel,
+    ReplyError,
+    Script,
+    Send,
+    Sleep,
+    describe,
+    single,
+)
 from .backoff import backoff
 from .config import StreamSpec, check_name
 from .core import BrokerCore
@@ -894,11 +905,11 @@ def claim(core: BrokerCore, group: str, source: str, target: str, force: bool = 
     return moved
 
 
-_DELCONSUMER = """
+_DELCONSUMER = Script("""
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
 if #rows > 0 then return -1 end
 return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-"""
+""")
 
 
 def _refuse_running(core: BrokerCore, group: str, name: str) -> Op[None]:
@@ -948,7 +959,7 @@ def _delete_consumer(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
     kept: list[str] = []
     for spec in core.group_streams(group):
         for key in (spec.key, replay_key(spec, group)):
-            (result,) = yield single(spec.pool, "EVAL", _DELCONSUMER, 1, key, group, name)
+            (result,) = yield single(spec.pool, "EVALSHA", _DELCONSUMER.sha, 1, key, group, name)
             if result == -1 and spec.name not in kept:
                 kept.append(spec.name)
     return kept

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._effects import Command, Op, Send, single
+from ._effects import Command, Op, Script, Send, single
 from .config import StreamSpec
 from .core import BrokerCore
 from .errors import DecodeError, ServerReplyError
@@ -47,7 +47,7 @@ _ADDED_FIELDS = 5
 
 # Copy pending event ARGV[3] of consumer ARGV[2] to the dead letters and acknowledge it.
 # Fields of an earlier death (a replayed dead letter) are dropped, but its origin stays.
-_DEAD = """
+_DEAD = Script("""
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 local entry = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])[1]
@@ -73,12 +73,12 @@ if entry then
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
-"""
+""")
 
 # Move up to ARGV[1] dead letters, oldest first, until one that is packed or has more
 # than ARGV[2] values. Returns {moved, more, id, fields}: ``more`` is 1 when dead letters
 # may be left; ``id`` and ``fields`` are those of the letter it stopped at ('' and {}).
-_REPLAY = """
+_REPLAY = Script("""
 local limit = tonumber(ARGV[2])
 local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ARGV[1])
 local moved = 0
@@ -93,7 +93,7 @@ for _, e in ipairs(entries) do
   moved = moved + 1
 end
 return {moved, #entries == tonumber(ARGV[1]) and 1 or 0, '', {}}
-"""
+""")
 
 # Run in a transaction right after the XADD of dead letter ARGV[1]'s copy (ARGV[2]
 # values) to KEYS[2]: remove the dead letter, or, when another replay removed it
@@ -136,8 +136,8 @@ def dead_letter_command(
     when the event is no longer this consumer's. ``key`` is the stream or replay key
     the event is pending in."""
     return (
-        "EVAL",
-        _DEAD,
+        "EVALSHA",
+        _DEAD.sha,
         2,
         key,
         dead_letter_key(stream, group),
@@ -231,7 +231,7 @@ def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     moved = 0
     while True:
-        (reply,) = yield single(pool, "EVAL", _REPLAY, 2, dead, replay, _PAGE, copied)
+        (reply,) = yield single(pool, "EVALSHA", _REPLAY.sha, 2, dead, replay, _PAGE, copied)
         count, more, letter_id, fields = reply
         moved += int(count)
         if letter_id:
@@ -249,6 +249,8 @@ def _replay_whole(
     original, added = _letter(stream, group, letter_id, fields)
     entry = original + [word for item in added.items() for word in item]
     dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
+    # EVAL with the text, not EVALSHA: in a transaction a missing script fails alone
+    # (NOSCRIPT) while the XADD is applied, and the copy would stay with the dead letter.
     replies = yield Send(
         pool,
         [

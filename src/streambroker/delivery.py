@@ -18,7 +18,7 @@ hands to a command goes in pages of :data:`PAGE` (see :data:`PAGED`): a consumer
 
 from __future__ import annotations
 
-from ._effects import Command
+from ._effects import Command, Script
 
 __all__ = [
     "MAX_SCRIPT_BATCH",
@@ -80,7 +80,7 @@ end
 )
 
 # This consumer's own pending events after the cursor ARGV[3] ("-" or "(id").
-_OWN = (
+_OWN = Script(
     _CLAIMED
     + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], '+', ARGV[4], ARGV[2])
@@ -96,7 +96,7 @@ return {entries, ncounts, gone, cursor}
 # Events of any consumer of the group idle for ARGV[3] ms or more, from cursor ARGV[4].
 # Once a scan is complete, other consumers idle for ARGV[6] ms (if > 0) holding
 # nothing pending are deleted from the group; their names are the fifth item.
-_RECLAIM = """
+_RECLAIM = Script("""
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 local entries, counts = {}, {}
 for _, e in ipairs(r[2]) do
@@ -119,10 +119,10 @@ if forget > 0 and r[1] == '0-0' then
   end
 end
 return {entries, counts, r[3] or {}, r[1], forgotten}
-"""
+""")
 
 # The given pending events, again, if they are still this consumer's (retries).
-_RETRY = (
+_RETRY = Script(
     _CLAIMED
     + """
 local ids, counts, lost = {}, {}, {}
@@ -144,7 +144,7 @@ return {entries, ncounts, gone, ''}
 # them (ARGV[3] == 'ack'), keep them alive ('touch': resets the idle time without
 # counting a delivery), or also set their delivery counter to ARGV[4] ('count').
 # Returns the ids that are not this consumer's: another consumer took them over.
-_OWNED = (
+_OWNED = Script(
     PAGED
     + """
 local owned, lost = {}, {}
@@ -165,7 +165,7 @@ return lost
 )
 
 # Move up to ARGV[4] pending events of consumer ARGV[2] to consumer ARGV[3].
-_CLAIM_ALL = (
+_CLAIM_ALL = Script(
     PAGED
     + """
 local rows = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[4], ARGV[2])
@@ -179,7 +179,7 @@ return #ids
 
 def own_pending_command(key: str, group: str, consumer: str, cursor: str, count: int) -> Command:
     """Hand this consumer's own pending events after ``cursor`` over again."""
-    return ("EVAL", _OWN, 1, key, group, consumer, cursor, min(count, MAX_SCRIPT_BATCH))
+    return ("EVALSHA", _OWN.sha, 1, key, group, consumer, cursor, min(count, MAX_SCRIPT_BATCH))
 
 
 def reclaim_command(
@@ -189,22 +189,22 @@ def reclaim_command(
     end of a scan, forget the other consumers idle for ``forget_ms`` (0: never) that
     hold nothing pending."""
     batch = min(count, MAX_SCRIPT_BATCH)
-    return ("EVAL", _RECLAIM, 1, key, group, consumer, min_idle_ms, cursor, batch, forget_ms)
+    return ("EVALSHA", _RECLAIM.sha, 1, key, group, consumer, min_idle_ms, cursor, batch, forget_ms)
 
 
 def retry_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Deliver the given pending events again, where they are still this consumer's."""
-    return ("EVAL", _RETRY, 1, key, group, consumer, *ids)
+    return ("EVALSHA", _RETRY.sha, 1, key, group, consumer, *ids)
 
 
 def ack_owned_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Acknowledge the events still held by this consumer; the reply lists the others."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, "ack", 0, *ids)
+    return ("EVALSHA", _OWNED.sha, 1, key, group, consumer, "ack", 0, *ids)
 
 
 def touch_command(key: str, group: str, consumer: str, ids: list[str]) -> Command:
     """Reset the idle time of the events still held; the reply lists the others."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, "touch", 0, *ids)
+    return ("EVALSHA", _OWNED.sha, 1, key, group, consumer, "touch", 0, *ids)
 
 
 def set_delivery_count_command(
@@ -214,9 +214,9 @@ def set_delivery_count_command(
     counting a delivery (``XCLAIM … RETRYCOUNT count JUSTID``: the owner stays, the idle
     time restarts); the reply lists the ids that are no longer this consumer's, which
     are left alone."""
-    return ("EVAL", _OWNED, 1, key, group, consumer, "count", count, *ids)
+    return ("EVALSHA", _OWNED.sha, 1, key, group, consumer, "count", count, *ids)
 
 
 def claim_all_command(key: str, group: str, source: str, target: str) -> Command:
     """Move a page of ``source``'s pending events to ``target``; the reply is how many."""
-    return ("EVAL", _CLAIM_ALL, 1, key, group, source, target, MAX_SCRIPT_BATCH)
+    return ("EVALSHA", _CLAIM_ALL.sha, 1, key, group, source, target, MAX_SCRIPT_BATCH)

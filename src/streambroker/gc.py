@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._effects import Command, Op, Parallel, ReplyError, Send
+from ._effects import Command, Op, Parallel, ReplyError, Script, Send
 from .core import BrokerCore
 from .keys import replay_key
 
@@ -35,7 +35,7 @@ __all__ = ["COLLECT_SCRIPT", "collect", "collect_command", "removed_count"]
 #: Entries of the in-flight window examined by one script call.
 WINDOW_LIMIT = 5000
 
-COLLECT_SCRIPT = """
+COLLECT_SCRIPT = Script("""
 local key = KEYS[1]
 local limit = tonumber(ARGV[1])
 if redis.call('EXISTS', key) == 0 then return {0, 0} end
@@ -110,13 +110,13 @@ if not less(top_ms, top_seq, trim_ms, trim_seq) and #pending_groups > 0 then
   end
 end
 return {removed, deleted}
-"""
+""")
 
 
 def collect_command(key: str, groups: Iterable[str], limit: int = WINDOW_LIMIT) -> Command:
     """The command that collects the stream ``key`` read by ``groups`` (its reply goes
     to :func:`removed_count`)."""
-    return ("EVAL", COLLECT_SCRIPT, 1, key, limit, *groups)
+    return ("EVALSHA", COLLECT_SCRIPT.sha, 1, key, limit, *groups)
 
 
 def removed_count(pool: str, stream: str, reply: Any) -> int:

@@ -11,20 +11,20 @@ then, since acknowledging and collecting is what frees the memory.
 
 from __future__ import annotations
 
-from ._effects import Command
+from ._effects import Command, Script
 from .keys import lease_key
 
 __all__ = ["LEASE_RETAKEN", "acquire_command", "release_command", "renew_command"]
 
 # Take the lease if it is free or ours. Returns 1, or the holder's remaining ms.
-_ACQUIRE = """#!lua flags=allow-oom
+_ACQUIRE = Script("""#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == false or holder == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return -math.max(redis.call('PTTL', KEYS[1]), 1)
-"""
+""")
 
 #: The reply of a renewal that found the lease gone (the server restarted without
 #: persistence, or the key was deleted) and took it again.
@@ -32,7 +32,7 @@ LEASE_RETAKEN = 2
 
 # Keep the lease if it is ours, or take it back if it vanished. Returns 1, 2 when
 # it had vanished, or 0 when another process holds it.
-_RENEW = """#!lua flags=allow-oom
+_RENEW = Script("""#!lua flags=allow-oom
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if holder == false then
@@ -40,26 +40,26 @@ if holder == false then
   return 2
 end
 return 0
-"""
+""")
 
-_RELEASE = """
+_RELEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")
 
 
 def acquire_command(prefix: str, group: str, consumer: str, token: str, ttl_ms: int) -> Command:
     """Take the lease (keys start with ``prefix``); the reply is 1, or minus the
     holder's remaining milliseconds."""
-    return ("EVAL", _ACQUIRE, 1, lease_key(prefix, group, consumer), token, ttl_ms)
+    return ("EVALSHA", _ACQUIRE.sha, 1, lease_key(prefix, group, consumer), token, ttl_ms)
 
 
 def renew_command(prefix: str, group: str, consumer: str, token: str, ttl_ms: int) -> Command:
     """Renew the lease; the reply is 0 when another process holds the name now, and
     :data:`LEASE_RETAKEN` when it had vanished."""
-    return ("EVAL", _RENEW, 1, lease_key(prefix, group, consumer), token, ttl_ms)
+    return ("EVALSHA", _RENEW.sha, 1, lease_key(prefix, group, consumer), token, ttl_ms)
 
 
 def release_command(prefix: str, group: str, consumer: str, token: str) -> Command:
     """Give the lease up if it is still ours."""
-    return ("EVAL", _RELEASE, 1, lease_key(prefix, group, consumer), token)
+    return ("EVALSHA", _RELEASE.sha, 1, lease_key(prefix, group, consumer), token)

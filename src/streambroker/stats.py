@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._effects import Command, Op, Parallel, ReplyError, Send
+from ._effects import Command, Op, Parallel, ReplyError, Script, Send
 from .config import StreamSpec
 from .core import BrokerCore
 from .keys import dead_letter_key, lease_key, replay_key
@@ -23,9 +23,9 @@ __all__ = ["ConsumerStats", "GroupStats", "StreamStats", "collect_stats"]
 #: The most entries counted to find a lag the server does not know.
 LAG_COUNT_LIMIT = 100_000
 
-_COUNT_AFTER = """
+_COUNT_AFTER = Script("""
 return #redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-"""
+""")
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         for draft in groups:
             last = draft.stats.last_delivered_id
             if not draft.lag_known:
-                follow_up.append(("EVAL", _COUNT_AFTER, 1, plan.key, last, LAG_COUNT_LIMIT))
+                follow_up.append(("EVALSHA", _COUNT_AFTER.sha, 1, plan.key, last, LAG_COUNT_LIMIT))
             if _may_have_unread(draft):
                 follow_up.append(("XRANGE", plan.key, f"({last}", "+", "COUNT", 1))
             follow_up += [
