@@ -83,6 +83,16 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], named: str) 
     assert "Traceback" not in result.stderr
 
 
+def test_counts_read_in_the_right_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "streambroker.yaml").write_text(
+        "default:\n  redis: 127.0.0.1:6379:0\n  streams:\n    s: [g]\n"
+    )
+    code, out, err = invoke("validate")
+    assert (code, err) == (0, ""), err
+    assert out.splitlines()[0] == "streambroker.yaml: valid: 1 pool, 1 stream, 1 consumer group"
+
+
 # -- tail -----------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
+from ._text import counted
 from .async_broker import AsyncBroker
 from .broker import Broker
 from .config import DEFAULT_DATA_DIR, Registry, ValidatedRegistry
@@ -87,11 +88,6 @@ def _safe(text: object) -> str:
 def _cell(text: object, style: str = "") -> Text:
     """``text`` escaped, as a table cell whose Rich markup is not interpreted."""
     return Text(_safe(text), style=style)
-
-
-def _count(number: int, noun: str) -> str:
-    """``1 event``, ``2 events``: the number with the noun in the right number."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 class _Group(TyperGroup):
@@ -286,9 +282,9 @@ def validate(ctx: typer.Context, config: ConfigPath = None) -> None:
     path, registry = load_config(ctx, config)
     _console().print(
         _cell(
-            f"{path}: valid: {_count(len(registry.pools), 'pool')}, "
-            f"{_count(len(registry.streams), 'stream')}, "
-            f"{_count(len(registry.groups), 'consumer group')}"
+            f"{path}: valid: {counted(len(registry.pools), 'pool')}, "
+            f"{counted(len(registry.streams), 'stream')}, "
+            f"{counted(len(registry.groups), 'consumer group')}"
         )
     )
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
@@ -570,7 +566,7 @@ def publish(
                         raise InvalidArgumentError(f"line {number}: {exc}") from None
                 except BrokerError as exc:
                     flush()
-                    before = _count(published, "event")
+                    before = counted(published, "event")
                     raise InvalidArgumentError(
                         f"{exc}; stopped: {before} published from the lines before it"
                     ) from None
@@ -713,7 +709,7 @@ class _CountReachedError(Exception):
 def _tail_group(broker: Broker, group: str, name: str, limit: int | None, as_json: bool) -> None:
     # An event it cannot decode is failed, not acknowledged, and never buried: it stays
     # pending (delivered to it again now and then, printed once) for another consumer.
-    consumer = broker.consumer(group, name, max_deliveries=2**62)
+    consumer = broker.consumer(group, name, max_deliveries=1 << 30)
     undecodable: set[tuple[str, str]] = set()
     streams = ", ".join(broker.registry.groups[group])
     print(
@@ -958,7 +954,7 @@ def gc(
                 when = f"{datetime.now():%H:%M:%S} " if watch else ""
                 total = sum(removed.values())
                 detail = ", ".join(f"{stream} {n}" for stream, n in removed.items())
-                print(_safe(f"{when}removed {_count(total, 'event')}: {detail}"), flush=True)
+                print(_safe(f"{when}removed {counted(total, 'event')}: {detail}"), flush=True)
 
         if watch:
             _repeat(lambda: collect(always=False), interval, iterations)
@@ -995,11 +991,8 @@ def claim(
                 f"{', '.join(sorted(members)) or 'none'})"
             )
         moved = broker.consumer(group).claim(from_name, to_name, force=force)
-    print(
-        _safe(
-            f"moved {_count(moved, 'pending event')} of group {group} from {from_name} to {to_name}"
-        )
-    )
+    events = counted(moved, "pending event")
+    print(_safe(f"moved {events} of group {group} from {from_name} to {to_name}"))
 
 
 def _letter_json(letter: DeadLetter) -> dict[str, Any]:
@@ -1073,7 +1066,7 @@ def dead_letters(
             if json_output:
                 _print_json({"replayed": replayed})
             else:
-                letters_of = f"{_count(replayed, 'dead letter')} of {stream}"
+                letters_of = f"{counted(replayed, 'dead letter')} of {stream}"
                 print(_safe(f"replayed {letters_of} to group {group}"))
             return
         if replay is not None or delete is not None:
@@ -1143,9 +1136,9 @@ def group_reset(
         if figures.pending and not force:
             raise InvalidArgumentError(
                 f"consumer group {group!r} of stream {stream!r}: "
-                f"{_count(len(holders), 'consumer')} ({', '.join(holders)}) "
+                f"{counted(len(holders), 'consumer')} ({', '.join(holders)}) "
                 f"{'holds' if len(holders) == 1 else 'hold'} "
-                f"{_count(figures.pending, 'pending event')}: stop them and let them settle, "
+                f"{counted(figures.pending, 'pending event')}: stop them and let them settle, "
                 "or reset anyway with --force (the pending events stay pending)"
             )
         broker.reset_group(stream, group, to)
@@ -1184,9 +1177,9 @@ def purge(
     """Delete every event of a stream (its groups and dead letters stay)."""
     with _broker(ctx, config) as broker:
         length = broker.stream_stats(stream).length
-        _confirm(f"Delete every event of stream {stream} ({_count(length, 'event')})?", yes)
+        _confirm(f"Delete every event of stream {stream} ({counted(length, 'event')})?", yes)
         removed = broker.purge(stream)
-    print(_safe(f"deleted {_count(removed, 'event')} of {stream}"))
+    print(_safe(f"deleted {counted(removed, 'event')} of {stream}"))
 
 
 # -- demo and the embedded server -----------------------------------------------------
@@ -1222,7 +1215,7 @@ def demo(
     console.print(table)
     console.print(stats_table(result.stats, "after the workers stopped"))
     for stream, length in result.lengths.items():
-        console.print(f"{stream}: {length} events left")
+        console.print(f"{stream}: {counted(length, 'event')} left")
 
 
 @server_app.command("start")
