@@ -53,7 +53,17 @@ from .events import Event
 from .runner import AsyncWorker, Worker, default_name_prefix, load_app
 from .stats import StreamStats
 
-__all__ = ["app", "error_lines", "event_line", "event_record", "load_config", "main", "stats_table"]
+__all__ = [
+    "app",
+    "error_lines",
+    "event_line",
+    "event_record",
+    "event_time",
+    "load_config",
+    "main",
+    "stats_rates",
+    "stats_table",
+]
 
 DEFAULT_CONFIG = "streambroker.yaml"
 CONFIG_ENV = "STREAMBROKER_CONFIG"
