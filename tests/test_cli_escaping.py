@@ -130,3 +130,22 @@ def test_error_messages_are_escaped_line_by_line() -> None:
         "streambroker: error: bad \\u001b]0;PWNED\\u0007\\u001b[2J",
         "  FORGED\\u009b31m\\u007f[bold]b[/bold]\\u202ex",
     ]
+
+
+def test_claim_and_group_reset_errors_escape_consumer_names(
+    project: Path, client: sb.Broker, server: Server
+) -> None:
+    client.publish("stream-a", 1)  # creates the groups too
+    server.client().xreadgroup("read-group-a", HOSTILE, {"stream-a": ">"})
+
+    code, out, err = invoke("claim", "read-group-a", "ghost", "c2")
+
+    assert (code, out) == (1, "")
+    assert_inert(err.removesuffix("\n"))
+    assert f"(its consumers: {SHOWN})" in err, err
+
+    code, out, err = invoke("group", "reset", "stream-a", "read-group-a", "--to", "0")
+
+    assert (code, out) == (1, "")
+    assert_inert(err.removesuffix("\n"))
+    assert f"1 consumer ({SHOWN}) holds 1 pending event: " in err, err

@@ -998,7 +998,7 @@ def claim(
         if group in broker.registry.groups and from_name not in members:
             raise InvalidArgumentError(
                 f"consumer group {group!r} has no consumer {from_name!r} (its consumers: "
-                f"{', '.join(sorted(members)) or 'none'})"
+                f"{', '.join(map(_safe, sorted(members))) or 'none'})"
             )
         moved = broker.consumer(group).claim(from_name, to_name, force=force)
     events = counted(moved, "pending event")
@@ -1142,14 +1142,19 @@ def group_reset(
     """Move a consumer group's position on a stream (XGROUP SETID)."""
     with _broker(ctx, config) as broker:
         figures = broker.group_stats(stream, group)
-        holders = [consumer.name for consumer in figures.consumers if consumer.pending]
+        # Names from the server, escaped here: an error message may span lines, a name not.
+        holders = [_safe(consumer.name) for consumer in figures.consumers if consumer.pending]
         if figures.pending and not force:
-            raise InvalidArgumentError(
-                f"consumer group {group!r} of stream {stream!r}: "
+            pending = counted(figures.pending, "pending event")
+            held = (
                 f"{counted(len(holders), 'consumer')} ({', '.join(holders)}) "
-                f"{'holds' if len(holders) == 1 else 'hold'} "
-                f"{counted(figures.pending, 'pending event')}: stop them and let them settle, "
-                "or reset anyway with --force (the pending events stay pending)"
+                f"{'holds' if len(holders) == 1 else 'hold'} {pending}"
+                if holders
+                else f"it has {pending}"
+            )
+            raise InvalidArgumentError(
+                f"consumer group {group!r} of stream {stream!r}: {held}: stop them and let "
+                "them settle, or reset anyway with --force (the pending events stay pending)"
             )
         broker.reset_group(stream, group, to)
     after = {"0": "every event of the stream", "$": "only the events published from now"}
