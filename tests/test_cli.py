@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import streambroker as sb
-from streambroker.cli import app
+from streambroker.cli import app, event_time
 
 from .conftest import SEED_YAML_TEMPLATE, Server, free_port, wait_for
 
@@ -482,11 +482,16 @@ def test_publish_arguments_json_meta_and_stdin(project: Path, client: sb.Broker)
         ("stream-c", stdin_ids[2], None, {"src": "stdin"}),
     ]
 
-    # A line that is not JSON: nothing of its batch is sent.
-    code, out, err = invoke("publish", "stream-b", "--json", "-c", config, input="1\n{\n")
-    assert (code, out) == (1, "")
+    # A line that is not JSON stops it: the lines before it are published, not those after.
+    code, out, err = invoke("publish", "stream-b", "--json", "-c", config, input="1\n{\n2\n")
+    assert code == 1
+    (first_id,) = out.split()
     assert err.startswith("streambroker: error: line 2 is not valid JSON: "), err
-    assert lengths(client)["stream-b"] == 0
+    assert err.endswith("; stopped: 1 event published from the lines before it\n"), err
+    assert [e.id for e in client.read("stream-b")] == [first_id]
+    code, out, err = invoke("publish", "stream-b", "--json", "-c", config, input="{\n")
+    assert (code, out) == (1, "")
+    assert err.endswith("; stopped: 0 events published from the lines before it\n"), err
     code, out, err = invoke("publish", "stream-b", "x", "--meta", "novalue", "-c", config)
     assert code == 2
     assert "'novalue' is not KEY=VALUE" in err
@@ -509,8 +514,10 @@ def test_tail_without_group_prints_new_events_and_changes_nothing(
         stop_cleanly(process, signal.SIGINT)
     out, err = output(project)
     lines = out.splitlines()
-    assert lines[0] == f'stream-a {first.decode()} k=v {{"n": 1}}'
-    assert lines[1].startswith(f"stream-a {second.decode()} <cannot decode: "), lines
+    assert lines[0] == f'stream-a {first.decode()} {event_time(first.decode())} k=v {{"n": 1}}'
+    assert lines[1].startswith(
+        f"stream-a {second.decode()} {event_time(second.decode())} <cannot "
+    ), lines
     assert len(lines) == 2
     assert err == "tailing stream-a (read-only); Ctrl-C to stop\n"
     # Read-only: the groups (created at the start, as by any broker) got nothing yet.
@@ -523,10 +530,11 @@ def test_tail_without_group_prints_new_events_and_changes_nothing(
 def test_tail_with_group_acknowledges_what_it_prints(project: Path, client: sb.Broker) -> None:
     a_ids = [client.publish("stream-a", n, {"n": str(n)}) for n in range(3)]
     b_id = client.publish("stream-b", "b")
-    expected = {f"stream-a {a_ids[n]} n={n} {n}" for n in range(3)} | {f'stream-b {b_id} "b"'}
+    expected = {f"stream-a {a_ids[n]} {event_time(a_ids[n])} n={n} {n}" for n in range(3)}
+    expected.add(f'stream-b {b_id} {event_time(b_id)} "b"')
 
     code, first, err = invoke(
-        "tail", "stream-b", "--group", "read-group-ab", "--name", "t1", "-n", "3"
+        "tail", "stream-b", "--group", "read-group-ab", "--name", "t1", "--count", "3"
     )
 
     assert code == 0, err
@@ -543,16 +551,19 @@ def test_tail_with_group_acknowledges_what_it_prints(project: Path, client: sb.B
         == 1
     )
 
-    code, second, err = invoke("tail", "stream-a", "-g", "read-group-ab", "--name", "t1", "-n", "1")
+    code, second, err = invoke(
+        "tail", "stream-a", "-g", "read-group-ab", "--name", "t1", "--count", "1"
+    )
 
     assert code == 0, err
     assert set(first.splitlines()) | set(second.splitlines()) == expected
     c_id = client.publish("stream-b", {"x": [1, 2]}, {"k": "v"})
-    code, out, err = invoke("tail", "stream-a", "-g", "read-group-ab", "-n", "1", "--json")
+    code, out, err = invoke("tail", "stream-a", "-g", "read-group-ab", "--count", "1", "--json")
     assert code == 0, err
     assert json.loads(out) == {
         "stream": "stream-b",
         "id": c_id,
+        "time": event_time(c_id),
         "meta": {"k": "v"},
         "body": {"x": [1, 2]},
     }
@@ -730,7 +741,7 @@ def test_gc_removes_what_every_group_acknowledged(project: Path, client: sb.Brok
     code, out, err = invoke("gc", "--watch", "--interval", "0.01", "--iterations", "3")
     assert (code, err) == (0, ""), err
     assert re.fullmatch(
-        r"\d\d:\d\d:\d\d removed 1 events: stream-a 0, stream-b 1, stream-c 0\n", out
+        r"\d\d:\d\d:\d\d removed 1 event: stream-a 0, stream-b 1, stream-c 0\n", out
     ), out
     code, out, err = invoke("gc", "--watch", "--json", "--interval", "0.01", "--iterations", "2")
     assert [json.loads(line) for line in out.splitlines()] == [
@@ -832,7 +843,7 @@ def test_dead_letters_list_and_replay(project: Path, client: sb.Broker) -> None:
         "no dead letters of stream-a in group read-group-ab\n"
     )
 
-    code, out, err = invoke("dead-letters", "stream-a", "read-group-a", "--replay")
+    code, out, err = invoke("dead-letters", "stream-a", "read-group-a", "--replay", "all")
 
     assert (code, err) == (0, ""), err
     assert out == "replayed 2 dead letters of stream-a to group read-group-a\n"

@@ -52,17 +52,18 @@ def test_tail_escapes_meta_bodies_ids_and_decode_errors(project: Path, server: S
     redis_client.xadd("stream-a", {"$body": body, "$codec": "json", HOSTILE: HOSTILE})
     redis_client.xadd("stream-a", {"$body": "1", "$codec": HOSTILE})
 
-    code, out, err = invoke("tail", "stream-a", "-g", "read-group-a", "--name", "t", "-n", "2")
+    code, out, err = invoke("tail", "stream-a", "-g", "read-group-a", "--name", "t", "--count", "2")
 
-    assert (code, err.count("\n")) == (0, 1), err
+    # The line saying tail started, and the one saying the undecodable event stays pending.
+    assert (code, err.count("\n")) == (0, 2), err
     assert_inert(out)
     decoded, undecodable = out.splitlines()
     assert decoded.endswith(f'{SHOWN}={SHOWN} {{"{SHOWN}": ["{SHOWN}"]}}'), decoded
-    assert undecodable.split(" ", 2)[2].startswith("<cannot decode: "), undecodable
+    assert undecodable.split(" ", 3)[3].startswith("<cannot decode: "), undecodable
     assert "unknown codec" in undecodable
 
     redis_client.xadd("stream-a", {"$body": body, "$codec": "json", HOSTILE: HOSTILE})
-    code, out, err = invoke("tail", "stream-a", "-g", "read-group-a", "-n", "1", "--json")
+    code, out, err = invoke("tail", "stream-a", "-g", "read-group-a", "--count", "1", "--json")
 
     assert code == 0, err
     assert_inert(out)
@@ -129,3 +130,22 @@ def test_error_messages_are_escaped_line_by_line() -> None:
         "streambroker: error: bad \\u001b]0;PWNED\\u0007\\u001b[2J",
         "  FORGED\\u009b31m\\u007f[bold]b[/bold]\\u202ex",
     ]
+
+
+def test_claim_and_group_reset_errors_escape_consumer_names(
+    project: Path, client: sb.Broker, server: Server
+) -> None:
+    client.publish("stream-a", 1)  # creates the groups too
+    server.client().xreadgroup("read-group-a", HOSTILE, {"stream-a": ">"})
+
+    code, out, err = invoke("claim", "read-group-a", "ghost", "c2")
+
+    assert (code, out) == (1, "")
+    assert_inert(err.removesuffix("\n"))
+    assert f"(its consumers: {SHOWN})" in err, err
+
+    code, out, err = invoke("group", "reset", "stream-a", "read-group-a", "--to", "0")
+
+    assert (code, out) == (1, "")
+    assert_inert(err.removesuffix("\n"))
+    assert f"1 consumer ({SHOWN}) holds 1 pending event: " in err, err

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, reading, scripts, stats
+from . import admin, consuming, deadletters, gc, reading, scripts, stats
 from ._async import AsyncDriver
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from .config import ValidatedRegistry
@@ -59,6 +59,10 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
             reading.read(self._core, stream, after, count, block, self._connection.socket_timeout)
         )
 
+    async def latest(self, stream: str, count: int = 10) -> list[Event]:
+        """The newest ``count`` events of ``stream`` (as :meth:`Broker.latest`)."""
+        return await self._driver.run(reading.latest(self._core, stream, count))
+
     def consumer(
         self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]
     ) -> AsyncConsumer:
@@ -78,6 +82,30 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
     async def replay_dead_letters(self, stream: str, group: str) -> int:
         """Put ``group``'s dead letters from ``stream`` back, for that group only."""
         return await self._driver.run(deadletters.replay_dead_letters(self._core, stream, group))
+
+    async def replay_dead_letter(self, stream: str, group: str, letter_id: str) -> bool:
+        """Put one dead letter back for ``group`` (as :meth:`Broker.replay_dead_letter`)."""
+        return await self._driver.run(
+            deadletters.replay_dead_letter(self._core, stream, group, letter_id)
+        )
+
+    async def delete_dead_letter(self, stream: str, group: str, letter_id: str) -> bool:
+        """Delete one dead letter for good (as :meth:`Broker.delete_dead_letter`)."""
+        return await self._driver.run(
+            deadletters.delete_dead_letter(self._core, stream, group, letter_id)
+        )
+
+    async def reset_group(self, stream: str, group: str, to: str) -> None:
+        """Move ``group``'s position on ``stream`` (as :meth:`Broker.reset_group`)."""
+        await self._driver.run(admin.reset_group(self._core, stream, group, to))
+
+    async def delete_group(self, stream: str, group: str) -> bool:
+        """Delete an unregistered group of ``stream`` (as :meth:`Broker.delete_group`)."""
+        return await self._driver.run(admin.delete_group(self._core, stream, group))
+
+    async def purge(self, stream: str) -> int:
+        """Delete every event of ``stream`` (as :meth:`Broker.purge`)."""
+        return await self._driver.run(admin.purge_stream(self._core, stream))
 
     async def stats(self, *streams: str) -> list[StreamStats]:
         """Statistics of the given streams, or of all."""

@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from types import FrameType
 from typing import Any, Unpack
 
-from . import consuming, deadletters, gc, reading, scripts, stats
+from . import admin, consuming, deadletters, gc, reading, scripts, stats
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
 from ._sync import SyncDriver
 from .config import ValidatedRegistry
@@ -75,6 +75,11 @@ class Broker(BrokerFace[SyncDriver]):
             reading.read(self._core, stream, after, count, block, self._connection.socket_timeout)
         )
 
+    def latest(self, stream: str, count: int = 10) -> list[Event]:
+        """The newest ``count`` events of ``stream``, oldest first, read without a group
+        (as :meth:`read`); go on with :meth:`read` after the last one's id."""
+        return self._driver.run(reading.latest(self._core, stream, count))
+
     def consumer(
         self, group: str, name: str = DEFAULT_CONSUMER, **options: Unpack[ConsumerSettings]
     ) -> Consumer:
@@ -104,6 +109,45 @@ class Broker(BrokerFace[SyncDriver]):
         Returns how many were put back; they leave the dead letters.
         """
         return self._driver.run(deadletters.replay_dead_letters(self._core, stream, group))
+
+    def replay_dead_letter(self, stream: str, group: str, letter_id: str) -> bool:
+        """Deliver one dead letter (by its :attr:`DeadLetter.id`) again, to ``group`` only.
+
+        Returns False when there is no such dead letter (replayed or deleted already).
+        """
+        return self._driver.run(
+            deadletters.replay_dead_letter(self._core, stream, group, letter_id)
+        )
+
+    def delete_dead_letter(self, stream: str, group: str, letter_id: str) -> bool:
+        """Delete one dead letter (by its :attr:`DeadLetter.id`) for good.
+
+        Returns False when there is no such dead letter.
+        """
+        return self._driver.run(
+            deadletters.delete_dead_letter(self._core, stream, group, letter_id)
+        )
+
+    def reset_group(self, stream: str, group: str, to: str) -> None:
+        """Move ``group``'s position on ``stream``: the events with ids above ``to`` are
+        delivered next (``"0"``: every event again; ``"$"``: only those published from now).
+
+        Pending events stay pending, with the consumers that hold them.
+        """
+        self._driver.run(admin.reset_group(self._core, stream, group, to))
+
+    def delete_group(self, stream: str, group: str) -> bool:
+        """Delete a consumer group of ``stream`` that is not registered (an orphan group
+        of :class:`StreamStats`), with its pending events, replay stream and dead letters.
+
+        Returns False when the stream has no such group; refuses a registered group.
+        """
+        return self._driver.run(admin.delete_group(self._core, stream, group))
+
+    def purge(self, stream: str) -> int:
+        """Delete every event of ``stream`` (and of its groups' replay streams) now;
+        returns how many. The groups and their dead letters stay."""
+        return self._driver.run(admin.purge_stream(self._core, stream))
 
     def stats(self, *streams: str) -> list[StreamStats]:
         """Statistics of the given streams (all registered streams when none given)."""

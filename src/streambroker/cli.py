@@ -13,13 +13,15 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,12 +29,15 @@ import msgspec
 import typer
 from rich import box
 from rich.console import Console, RenderableType
+from rich.console import Group as RichGroup
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
+from ._text import counted
 from .async_broker import AsyncBroker
 from .broker import Broker
 from .config import DEFAULT_DATA_DIR, Registry, ValidatedRegistry
@@ -49,13 +54,25 @@ from .events import Event
 from .runner import AsyncWorker, Worker, default_name_prefix, load_app
 from .stats import StreamStats
 
-__all__ = ["app", "error_lines", "event_line", "event_record", "load_config", "main", "stats_table"]
+__all__ = [
+    "app",
+    "error_lines",
+    "event_line",
+    "event_record",
+    "event_time",
+    "load_config",
+    "main",
+    "stats_rates",
+    "stats_table",
+]
 
 DEFAULT_CONFIG = "streambroker.yaml"
 CONFIG_ENV = "STREAMBROKER_CONFIG"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: Events sent per pipeline when publishing lines from standard input.
+#: Events sent per pipeline when publishing lines from standard input, and the longest a
+#: line read waits before it is sent (seconds).
 STDIN_BATCH = 1000
+STDIN_LINGER = 0.1
 #: The longest a read-only ``tail`` waits in one read (seconds), and the events it reads at once.
 TAIL_BLOCK = 1.0
 TAIL_COUNT = 100
@@ -85,7 +102,39 @@ def _cell(text: object, style: str = "") -> Text:
 
 
 class _Group(TyperGroup):
-    """Turns an error of any command into one clear message and exit code 1."""
+    """Turns an error of any command into one clear message and exit code 1, and a usage
+    error into one line and exit code 2."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_Group, self).main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except UsageError as exc:
+            where = f" (see {exc.ctx.command_path} -h)" if exc.ctx is not None else ""
+            message = " ".join(exc.format_message().split()).rstrip(".")
+            print(_safe(f"streambroker: error: {message}{where}"), file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("streambroker: error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -121,17 +170,28 @@ def error_lines(exc: BaseException) -> list[str]:
     return [_safe(f"streambroker: error: {lines[0]}"), *map(_safe, lines[1:])]
 
 
+# Plain help (no boxes, no <bool> beside flags), -h as well as --help on every command.
 app = typer.Typer(
     cls=_Group,
     help="Durable events on Redis Streams.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,  # --debug: a plain traceback, without locals
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-server_app = typer.Typer(help="The embedded server.", no_args_is_help=True)
+server_app = typer.Typer(help="The embedded server.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(server_app, name="server")
-scripts_app = typer.Typer(help="The broker's server-side scripts.", no_args_is_help=True)
+scripts_app = typer.Typer(
+    help="The broker's server-side scripts.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(scripts_app, name="scripts")
+
+
+group_app = typer.Typer(
+    help="Move or delete a consumer group.", no_args_is_help=True, rich_markup_mode=None
+)
+app.add_typer(group_app, name="group")
 
 
 def _console() -> Console:
@@ -158,6 +218,7 @@ Interval = Annotated[
 ]
 # Hidden: ends a --watch by itself after N refreshes (for scripts and tests).
 Iterations = Annotated[int | None, typer.Option("--iterations", min=1, hidden=True)]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 Streams = Annotated[
     list[str] | None,
     typer.Argument(help="The streams (default: every registered stream).", show_default=False),
@@ -169,6 +230,12 @@ class _Options:
     """The options given before the command."""
 
     config: Path | None = None
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"streambroker {package_version('streambroker')}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -186,6 +253,12 @@ def _global_options(
     ] = None,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show tracebacks of errors, and debug logs.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
 ) -> None:
     ctx.obj = _Options(config)
@@ -226,8 +299,9 @@ def validate(ctx: typer.Context, config: ConfigPath = None) -> None:
     path, registry = load_config(ctx, config)
     _console().print(
         _cell(
-            f"{path}: valid: {len(registry.pools)} pools, {len(registry.streams)} streams, "
-            f"{len(registry.groups)} consumer groups"
+            f"{path}: valid: {counted(len(registry.pools), 'pool')}, "
+            f"{counted(len(registry.streams), 'stream')}, "
+            f"{counted(len(registry.groups), 'consumer group')}"
         )
     )
     table = Table(box=box.SIMPLE_HEAD, show_edge=False)
@@ -264,10 +338,18 @@ def _duration(seconds: float | None) -> str:
     return f"{days}d{hours:02d}h"
 
 
-def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> Table:
-    """A table of streams, their groups and the groups' consumers, one row each."""
+def stats_table(
+    streams: Sequence[StreamStats],
+    caption: str | None = None,
+    rates: Mapping[str | tuple[str, str], float] | None = None,
+) -> Table:
+    """A table of streams, their groups and the groups' consumers, one row each.
+
+    With ``rates`` (see :func:`stats_rates`), a column more, ``per s``: the events
+    published per second to each stream, and acknowledged per second by each group.
+    """
     table = Table(box=box.SIMPLE_HEAD, caption=caption, show_edge=False, collapse_padding=True)
-    table.add_column("stream / group / consumer", no_wrap=True)
+    table.add_column("stream/group/consumer", no_wrap=True)
     table.add_column("length", justify="right")
     table.add_column("oldest", justify="right")
     table.add_column("lag", justify="right")
@@ -275,13 +357,23 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
     table.add_column("dead", justify="right")
     table.add_column("idle", justify="right")
     table.add_column("alive")
+    if rates is not None:
+        table.add_column("per s", justify="right")
+
+    def rate(key: str | tuple[str, str]) -> str:
+        value = None if rates is None else rates.get(key)
+        return "-" if value is None else f"{value:.1f}"
+
     for stream in streams:
+        extra = [""] * 5 + [rate(stream.stream)] if rates is not None else []
         table.add_row(
             _cell(f"{stream.stream} ({stream.pool})", style="bold"),
             str(stream.length),
             _duration(stream.oldest_event_age),
+            *extra,
         )
         for group in stream.groups:
+            extra = ["", "", rate((stream.stream, group.group))] if rates is not None else []
             table.add_row(
                 _cell(f"  {group.group}"),
                 "",
@@ -289,6 +381,7 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
                 str(group.lag),
                 str(group.pending),
                 str(group.dead_letters),
+                *extra,
             )
             for consumer in group.consumers:
                 table.add_row(
@@ -304,6 +397,33 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
         for orphan in stream.orphan_groups:
             table.add_row(_cell(f"  {orphan} (not registered)", style="dim"))
     return table
+
+
+def stats_rates(
+    before: Sequence[StreamStats], after: Sequence[StreamStats], seconds: float
+) -> dict[str | tuple[str, str], float]:
+    """Events per second between two statistics ``seconds`` apart: published to each
+    stream (keyed by its name), acknowledged by each group (keyed by stream and group).
+
+    A group acknowledged what was delivered to it and is no longer pending: the events
+    published minus its growth in lag, minus its growth in pending events. Figures the
+    server does not give (before Redis 7) are left out.
+    """
+    rates: dict[str | tuple[str, str], float] = {}
+    previous = {stream.stream: stream for stream in before}
+    for stream in after:
+        old = previous.get(stream.stream)
+        if old is None or old.entries_added is None or stream.entries_added is None:
+            continue
+        published = stream.entries_added - old.entries_added
+        rates[stream.stream] = published / seconds
+        old_groups = {group.group: group for group in old.groups}
+        for group in stream.groups:
+            was = old_groups.get(group.group)
+            if was is not None:
+                acked = published - (group.lag - was.lag) - (group.pending - was.pending)
+                rates[(stream.stream, group.group)] = max(0, acked) / seconds
+    return rates
 
 
 def _stats_json(streams: Sequence[StreamStats]) -> list[dict[str, Any]]:
@@ -363,11 +483,22 @@ def stats(
             else:
                 _print_json(_stats_json(broker.stats(*names)))
         elif watch:
-            _watch_table(
-                lambda: stats_table(broker.stats(*names), f"{datetime.now():%H:%M:%S}"),
-                interval,
-                iterations,
-            )
+            previous: list[tuple[float, list[StreamStats]]] = []
+
+            def render() -> RenderableType:
+                now, figures = time.monotonic(), broker.stats(*names)
+                rates = {}
+                if previous:
+                    (then, before), *_ = previous
+                    rates = stats_rates(before, figures, max(now - then, 1e-3))
+                previous[:] = [(now, figures)]
+                header = Text(
+                    f"{datetime.now():%H:%M:%S}, every {interval:g} s; per s: events published "
+                    "(streams) and acknowledged (groups) per second since the previous refresh"
+                )
+                return RichGroup(header, stats_table(figures, rates=rates))
+
+            _watch_table(render, interval, iterations)
         else:
             _console().print(stats_table(broker.stats(*names)))
 
@@ -416,33 +547,99 @@ def publish(
 ) -> None:
     """Publish events and print their ids, one per line.
 
-    Lines of standard input are sent in batches of 1000 (one round trip per batch);
-    empty lines are skipped. The ids printed are those of the events published.
+    Lines of standard input are sent in batches (one round trip per batch) of up to 1000
+    lines, or of the lines read in 100 ms when they come slower, so that a pipe that
+    stays open is published as it goes; empty lines are skipped. The ids printed are
+    those of the events published. A line that cannot be published stops it, after
+    the lines before it were.
     """
     tags = _parse_meta(meta or [])
     with _broker(ctx, config) as broker:
         if body is not None:
             print(_safe(broker.publish(stream, _parse_body(body, as_json, "the body"), tags)))
             return
+        if stream not in broker.registry.streams:
+            raise UnknownStreamError(stream)
         batch = broker.batch()
+        published = 0
+
+        def flush() -> None:
+            nonlocal published
+            if len(batch):
+                ids = batch.flush()
+                published += len(ids)
+                print("\n".join(map(_safe, ids)), flush=True)
+
+        for lines in _stdin_batches(STDIN_BATCH, STDIN_LINGER):
+            for number, line in lines:
+                text = line.rstrip("\r\n")
+                if not text:
+                    continue
+                try:
+                    value = _parse_body(text, as_json, f"line {number}")
+                    try:
+                        batch.publish(stream, value, tags)
+                    except BrokerError as exc:
+                        raise InvalidArgumentError(f"line {number}: {exc}") from None
+                except BrokerError as exc:
+                    flush()
+                    before = counted(published, "event")
+                    raise InvalidArgumentError(
+                        f"{exc}; stopped: {before} published from the lines before it"
+                    ) from None
+            flush()
+
+
+def _stdin_batches(size: int, linger: float) -> Iterator[list[tuple[int, str]]]:
+    """The numbered lines of standard input, in lists of at most ``size``: a list ends
+    when it is full, or ``linger`` seconds after its first line was read."""
+    lines: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=4 * size)
+
+    def read() -> None:
         for number, line in enumerate(sys.stdin, start=1):
-            text = line.rstrip("\r\n")
-            if not text:
-                continue
-            batch.publish(stream, _parse_body(text, as_json, f"line {number}"), tags)
-            if len(batch) >= STDIN_BATCH:
-                print("\n".join(map(_safe, batch.flush())), flush=True)
-        if len(batch):
-            print("\n".join(map(_safe, batch.flush())), flush=True)
+            lines.put((number, line))
+        lines.put(None)
+
+    threading.Thread(target=read, name="streambroker-stdin", daemon=True).start()
+    batch: list[tuple[int, str]] = []
+    deadline = 0.0
+    while True:
+        try:
+            item = lines.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
+        except queue.Empty:
+            yield batch
+            batch = []
+            continue
+        if item is None:
+            break
+        if not batch:
+            deadline = time.monotonic() + linger
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- tail -----------------------------------------------------------------------------
 
 
+def event_time(event_id: str) -> str:
+    """The time of an event id, in ISO 8601 UTC to the millisecond
+    (``2018-02-18T10:58:00.106Z``), or ``-`` when the id is not a time."""
+    try:
+        when = datetime.fromtimestamp(int(event_id.partition("-")[0]) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return "-"
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def event_record(event: Event) -> dict[str, Any]:
-    """An event as JSON-compatible values: ``stream``, ``id``, ``meta`` and ``body``, or
-    ``error`` instead of the last two when the entry cannot be decoded."""
-    record: dict[str, Any] = {"stream": event.stream, "id": event.id}
+    """An event as JSON-compatible values: ``stream``, ``id``, ``time`` (of the id, see
+    :func:`event_time`), ``meta`` and ``body``, or ``error`` instead of the last two when
+    the entry cannot be decoded."""
+    record: dict[str, Any] = {"stream": event.stream, "id": event.id, "time": event_time(event.id)}
     try:
         record.update(meta=dict(event.meta), body=_plain(event.body))
     except DecodeError as exc:
@@ -459,19 +656,58 @@ def _content(record: dict[str, Any]) -> str:
 
 
 def event_line(event: Event, as_json: bool = False) -> str:
-    """One event as a line: ``stream id key=value … body`` (the body as JSON), or as
-    the JSON object of :func:`event_record`; control characters are escaped."""
+    """One event as a line: ``stream id time key=value … body`` (the time of the id, the
+    body as JSON), or as the JSON object of :func:`event_record`; control characters are
+    escaped."""
     record = event_record(event)
     if as_json:
         return _safe(json.dumps(record, ensure_ascii=False))
-    return _safe(f"{event.stream} {event.id} ") + _content(record)
+    return _safe(f"{event.stream} {event.id} {record['time']} ") + _content(record)
 
 
-def _tail_read_only(broker: Broker, stream: str, limit: int | None, as_json: bool) -> None:
-    after = broker.stream_stats(stream).last_id
+#: The highest sequence number of an event id.
+_MAX_SEQUENCE = 2**64 - 1
+_AGE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_AGE_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_EVENT_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+
+
+def _read_after(start: str) -> str:
+    """The id to read after for ``tail --from START``: ``0`` (every event), an event id
+    (that event and those after it), or an age such as ``30s``, ``5m``, ``2h``, ``1d``."""
+    age = _AGE.fullmatch(start)
+    if age:
+        first = int(time.time() * 1000 - float(age[1]) * _AGE_UNITS[age[2]])
+    else:
+        event_id = _EVENT_ID.fullmatch(start)
+        if event_id is None or int(event_id[1]) >= 2**64:
+            raise typer.BadParameter(
+                f"{start!r} is not 0, an event id or an age such as 30s, 5m, 2h",
+                param_hint="--from",
+            )
+        first, sequence = int(event_id[1]), int(event_id[2] or 0)
+        if sequence:
+            return f"{first}-{sequence - 1}"
+    return f"{first - 1}-{_MAX_SEQUENCE}" if first > 0 else "0"
+
+
+def _tail_read_only(
+    broker: Broker,
+    stream: str,
+    start: str | None,
+    last: int | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    after = broker.stream_stats(stream).last_id if start is None else _read_after(start)
     print(_safe(f"tailing {stream} (read-only); Ctrl-C to stop"), file=sys.stderr, flush=True)
     printed = 0
     try:
+        if last is not None:
+            for event in broker.latest(stream, last if limit is None else min(last, limit)):
+                after = event.id
+                print(event_line(event, as_json), flush=True)
+                printed += 1
         while limit is None or printed < limit:
             for event in broker.read(stream, after, count=TAIL_COUNT, block=TAIL_BLOCK):
                 after = event.id
@@ -488,7 +724,10 @@ class _CountReachedError(Exception):
 
 
 def _tail_group(broker: Broker, group: str, name: str, limit: int | None, as_json: bool) -> None:
-    consumer = broker.consumer(group, name)
+    # An event it cannot decode is failed, not acknowledged, and never buried: it stays
+    # pending (delivered to it again now and then, printed once) for another consumer.
+    consumer = broker.consumer(group, name, max_deliveries=1 << 30)
+    undecodable: set[tuple[str, str]] = set()
     streams = ", ".join(broker.registry.groups[group])
     print(
         _safe(f"tailing {streams} as consumer {name} of group {group}; Ctrl-C to stop"),
@@ -499,15 +738,32 @@ def _tail_group(broker: Broker, group: str, name: str, limit: int | None, as_jso
 
     def show(events: list[Event]) -> None:
         nonlocal left
-        shown = events if left is None else events[:left]
+        fresh = [event for event in events if (event.key, event.id) not in undecodable]
+        for event in events:
+            if (event.key, event.id) in undecodable:
+                event.fail("cannot be decoded")
+        shown = fresh if left is None else fresh[:left]
         for event in shown:
+            record = event_record(event)
             print(event_line(event, as_json), flush=True)
-            event.ack()
+            if "error" not in record:
+                event.ack()
+                continue
+            event.fail(record["error"])
+            undecodable.add((event.key, event.id))
+            print(
+                _safe(
+                    f"event {event.id} of {event.stream} cannot be decoded: not acknowledged, "
+                    f"it stays pending in group {group}"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
         if left is not None:
             left -= len(shown)
             if left == 0:
                 consumer.stop()
-            if len(shown) < len(events):
+            if len(shown) < len(fresh):
                 raise _CountReachedError
 
     try:
@@ -550,22 +806,54 @@ def tail(
             show_default=False,
         ),
     ] = None,
-    count: Annotated[
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="0|ID|AGE",
+            help="Start at the first event (0), at an event id, or this long ago (30s, 5m, "
+            "2h, 1d) instead of now. Without --group.",
+            show_default=False,
+        ),
+    ] = None,
+    last: Annotated[
         int | None,
         typer.Option(
-            "--count", "-n", min=1, help="Stop after this many events.", show_default=False
+            "--last",
+            "-n",
+            min=1,
+            help="Print the last K events first, then follow. Without --group.",
+            show_default=False,
         ),
+    ] = None,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=1, help="Stop after this many events.", show_default=False),
     ] = None,
     json_output: JsonOutput = False,
     config: ConfigPath = None,
 ) -> None:
-    """Print events as they arrive, one per line, until Ctrl-C."""
+    """Print events as they arrive, one per line, until Ctrl-C.
+
+    Each line is the stream, the event id, its time (UTC), the meta tags and the body.
+    With --group, an event that cannot be decoded is printed but not acknowledged: it
+    stays pending.
+    """
+    if start is not None and last is not None:
+        raise typer.BadParameter("give --from or -n, not both", param_hint="--from")
+    if group is not None and (start is not None or last is not None):
+        raise typer.BadParameter(
+            "a group reads from its own position: --from and -n read without --group",
+            param_hint="--group",
+        )
+    if start is not None:
+        _read_after(start)
     with _broker(ctx, config) as broker:
         spec = broker.registry.streams.get(stream)
         if spec is None:
             raise UnknownStreamError(stream)
         if group is None:
-            _tail_read_only(broker, stream, count, json_output)
+            _tail_read_only(broker, stream, start, last, count, json_output)
         else:
             if group not in spec.groups:
                 raise InvalidArgumentError(
@@ -744,7 +1032,7 @@ def gc(
                 when = f"{datetime.now():%H:%M:%S} " if watch else ""
                 total = sum(removed.values())
                 detail = ", ".join(f"{stream} {n}" for stream, n in removed.items())
-                print(_safe(f"{when}removed {total} events: {detail}"), flush=True)
+                print(_safe(f"{when}removed {counted(total, 'event')}: {detail}"), flush=True)
 
         if watch:
             _repeat(lambda: collect(always=False), interval, iterations)
@@ -764,9 +1052,25 @@ def claim(
     config: ConfigPath = None,
 ) -> None:
     """Move every pending event of consumer FROM to consumer TO (when scaling down)."""
+    if from_name == to_name:
+        raise typer.BadParameter(
+            _safe(f"consumer {from_name!r} cannot claim from itself: name two consumers"),
+            param_hint="TO",
+        )
     with _broker(ctx, config) as broker:
+        members = {
+            consumer.name
+            for stream in broker.registry.groups.get(group, ())
+            for consumer in broker.group_stats(stream, group).consumers
+        }
+        if group in broker.registry.groups and from_name not in members:
+            raise InvalidArgumentError(
+                f"consumer group {group!r} has no consumer {from_name!r} (its consumers: "
+                f"{', '.join(map(_safe, sorted(members))) or 'none'})"
+            )
         moved = broker.consumer(group).claim(from_name, to_name, force=force)
-    print(_safe(f"moved {moved} pending events of group {group} from {from_name} to {to_name}"))
+    events = counted(moved, "pending event")
+    print(_safe(f"moved {events} of group {group} from {from_name} to {to_name}"))
 
 
 def _letter_json(letter: DeadLetter) -> dict[str, Any]:
@@ -784,26 +1088,74 @@ def _letter_json(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
+#: The dead letters looked through for the one holding a given event id.
+LETTER_SCAN = 10_000
+
+
+def _one_letter(
+    broker: Broker, action: Callable[[str, str, str], bool], stream: str, group: str, given: str
+) -> None:
+    """Apply ``action`` to the dead letter whose id, or whose event's id, is ``given``."""
+    letters = broker.dead_letters(stream, group, LETTER_SCAN)
+    by_event = {letter.event.id: letter.id for letter in reversed(letters)}
+    letter_id = given if any(letter.id == given for letter in letters) else by_event.get(given)
+    if letter_id is None or not action(stream, group, letter_id):
+        raise InvalidArgumentError(
+            f"stream {stream!r}, group {group!r}: no dead letter {given!r} (replayed or "
+            "deleted already?)"
+        )
+
+
 @app.command("dead-letters")
 def dead_letters(
     ctx: typer.Context,
     stream: Annotated[str, typer.Argument(help="The stream.")],
     group: Annotated[str, typer.Argument(help="The consumer group that set them aside.")],
     replay: Annotated[
-        bool, typer.Option("--replay", help="Deliver them again, to this group only.")
-    ] = False,
+        str | None,
+        typer.Option(
+            "--replay",
+            metavar="ID|all",
+            help="Deliver the dead letter ID (its event id, or its own id of --json), or all "
+            "of them, again, to this group only.",
+            show_default=False,
+        ),
+    ] = None,
+    delete: Annotated[
+        str | None,
+        typer.Option(
+            "--delete",
+            metavar="ID",
+            help="Delete the dead letter ID (its event id, or its own id) for good.",
+            show_default=False,
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="List at most this many.")] = 100,
     json_output: JsonOutput = False,
     config: ConfigPath = None,
 ) -> None:
-    """List the events a group set aside after they failed too often, or replay them."""
+    """List the events a group set aside after they failed too often; replay or delete
+    one, or replay them all."""
+    if replay is not None and delete is not None:
+        raise typer.BadParameter("give --replay or --delete, not both", param_hint="--delete")
     with _broker(ctx, config) as broker:
-        if replay:
+        if replay == "all":
             replayed = broker.replay_dead_letters(stream, group)
             if json_output:
                 _print_json({"replayed": replayed})
             else:
-                print(_safe(f"replayed {replayed} dead letters of {stream} to group {group}"))
+                letters_of = f"{counted(replayed, 'dead letter')} of {stream}"
+                print(_safe(f"replayed {letters_of} to group {group}"))
+            return
+        if replay is not None or delete is not None:
+            letter_id = replay or delete or ""
+            verb = "replayed" if replay is not None else "deleted"
+            action = broker.replay_dead_letter if replay is not None else broker.delete_dead_letter
+            _one_letter(broker, action, stream, group, letter_id)
+            if json_output:
+                _print_json({verb: letter_id})
+            else:
+                print(_safe(f"{verb} dead letter {letter_id} of {stream} in group {group}"))
             return
         letters = broker.dead_letters(stream, group, limit)
     if json_output:
@@ -834,6 +1186,96 @@ def scripts_load(ctx: typer.Context, config: ConfigPath = None) -> None:
         loaded = broker.load_scripts()
     for pool, count in loaded.items():
         print(_safe(f"loaded {count} scripts on pool {pool}"))
+
+
+# -- group, purge ---------------------------------------------------------------------
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask ``question`` on stderr unless ``yes``; a no ends the command with exit code 1."""
+    if yes:
+        return
+    print(f"{_safe(question)} [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        print("streambroker: nothing changed", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@group_app.command("reset")
+def group_reset(
+    ctx: typer.Context,
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    group: Annotated[str, typer.Argument(help="The consumer group.")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="ID|0|$",
+            help="Deliver the events after ID next; 0: every event again; $: only new ones.",
+        ),
+    ],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Even while consumers hold pending events (they stay)."),
+    ] = False,
+    config: ConfigPath = None,
+) -> None:
+    """Move a consumer group's position on a stream (XGROUP SETID)."""
+    with _broker(ctx, config) as broker:
+        figures = broker.group_stats(stream, group)
+        # Names from the server, escaped here: an error message may span lines, a name not.
+        holders = [_safe(consumer.name) for consumer in figures.consumers if consumer.pending]
+        if figures.pending and not force:
+            pending = counted(figures.pending, "pending event")
+            held = (
+                f"{counted(len(holders), 'consumer')} ({', '.join(holders)}) "
+                f"{'holds' if len(holders) == 1 else 'hold'} {pending}"
+                if holders
+                else f"it has {pending}"
+            )
+            raise InvalidArgumentError(
+                f"consumer group {group!r} of stream {stream!r}: {held}: stop them and let "
+                "them settle, or reset anyway with --force (the pending events stay pending)"
+            )
+        broker.reset_group(stream, group, to)
+    after = {"0": "every event of the stream", "$": "only the events published from now"}
+    print(_safe(f"group {group} of {stream} now reads {after.get(to, f'the events after {to}')}"))
+
+
+@group_app.command("delete")
+def group_delete(
+    ctx: typer.Context,
+    stream: Annotated[str, typer.Argument(help="The stream.")],
+    group: Annotated[str, typer.Argument(help="The consumer group, not registered any more.")],
+    yes: Yes = False,
+    config: ConfigPath = None,
+) -> None:
+    """Delete a consumer group that is not registered (an orphan group of stats), with its
+    pending events, replay stream and dead letters."""
+    with _broker(ctx, config) as broker:
+        _confirm(
+            f"Delete consumer group {group} of stream {stream}, with its pending events and "
+            "dead letters?",
+            yes,
+        )
+        if not broker.delete_group(stream, group):
+            raise InvalidArgumentError(f"stream {stream!r} has no consumer group {group!r}")
+    print(_safe(f"deleted consumer group {group} of {stream}"))
+
+
+@app.command()
+def purge(
+    ctx: typer.Context,
+    stream: Annotated[str, typer.Argument(help="The stream to empty.")],
+    yes: Yes = False,
+    config: ConfigPath = None,
+) -> None:
+    """Delete every event of a stream (its groups and dead letters stay)."""
+    with _broker(ctx, config) as broker:
+        length = broker.stream_stats(stream).length
+        _confirm(f"Delete every event of stream {stream} ({counted(length, 'event')})?", yes)
+        removed = broker.purge(stream)
+    print(_safe(f"deleted {counted(removed, 'event')} of {stream}"))
 
 
 # -- demo and the embedded server -----------------------------------------------------
@@ -869,7 +1311,7 @@ def demo(
     console.print(table)
     console.print(stats_table(result.stats, "after the workers stopped"))
     for stream, length in result.lengths.items():
-        console.print(f"{stream}: {length} events left")
+        console.print(f"{stream}: {counted(length, 'event')} left")
 
 
 ServerDir = Annotated[

@@ -13,17 +13,19 @@ and :func:`list_dead_letters` unpacks them.
 Replaying moves the dead letters, oldest first, to the group's replay stream, which
 only that group reads: a script moves those it can copy; each packed one is read
 back and written whole by the broker, in a transaction with a script that removes
-the dead letter (or, when another replay took it first, the copy).
+the dead letter (or, when another replay took it first, the copy). One dead letter
+can also be replayed, or deleted for good, by its id.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._effects import Command, Op, Script, Send, single
 from .config import StreamSpec
 from .core import BrokerCore
-from .errors import DecodeError, ServerReplyError
+from .errors import DecodeError, InvalidArgumentError, ServerReplyError
 from .events import Event
 from .keys import dead_letter_key, replay_key
 
@@ -31,7 +33,9 @@ __all__ = [
     "MAX_COPIED_FIELDS",
     "DeadLetter",
     "dead_letter_command",
+    "delete_dead_letter",
     "list_dead_letters",
+    "replay_dead_letter",
     "replay_dead_letters",
 ]
 
@@ -108,7 +112,23 @@ redis.call('XDEL', KEYS[2], copy[1])
 return 0
 """
 
+# Move dead letter ARGV[1] when a script can copy it (at most ARGV[2] values, not packed).
+# Returns {1, {}} when moved, {0, {}} when there is no such dead letter, and {2, fields}
+# when it must be replayed whole.
+_REPLAY_ONE = Script("""
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])[1]
+if not e then return {0, {}} end
+if #e[2] > tonumber(ARGV[2]) then return {2, e[2]} end
+for i = 1, #e[2], 2 do
+  if e[2][i] == '$dead:fields' then return {2, e[2]} end
+end
+redis.call('XADD', KEYS[2], '*', unpack(e[2]))
+redis.call('XDEL', KEYS[1], e[1])
+return {1, {}}
+""")
+
 _PAGE = 1000
+_LETTER_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +258,41 @@ def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
             moved += yield from _replay_whole(pool, spec, group, letter_id.decode(), fields)
         elif not more:
             return moved
+
+
+def _letter_pool(core: BrokerCore, stream: str, group: str, letter_id: str) -> str:
+    """The pool of ``stream``, checking ``group`` reads it and ``letter_id`` is an entry id."""
+    pool = core.stream_group(stream, group).pool
+    if not isinstance(letter_id, str) or not _LETTER_ID.fullmatch(letter_id):
+        raise InvalidArgumentError(
+            f"stream {stream}, group {group}: a dead letter id is a stream entry id such as "
+            f"'1518951480106-0', got {letter_id!r}"
+        )
+    return pool
+
+
+def replay_dead_letter(core: BrokerCore, stream: str, group: str, letter_id: str) -> Op[bool]:
+    """Deliver the dead letter ``letter_id`` (its :attr:`DeadLetter.id`) of ``group`` from
+    ``stream`` again, to that group only; False when there is no such dead letter."""
+    pool = _letter_pool(core, stream, group, letter_id)
+    spec = core.stream(stream)
+    yield from core.ensure_groups((pool,))
+    dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
+    copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
+    (reply,) = yield single(pool, "EVALSHA", _REPLAY_ONE.sha, 2, dead, replay, letter_id, copied)
+    outcome, fields = reply
+    if int(outcome) == 2:
+        return bool((yield from _replay_whole(pool, spec, group, letter_id, fields)))
+    return bool(int(outcome))
+
+
+def delete_dead_letter(core: BrokerCore, stream: str, group: str, letter_id: str) -> Op[bool]:
+    """Delete the dead letter ``letter_id`` of ``group`` from ``stream`` for good; False
+    when there is no such dead letter."""
+    pool = _letter_pool(core, stream, group, letter_id)
+    spec = core.stream(stream)
+    (deleted,) = yield single(pool, "XDEL", dead_letter_key(spec, group), letter_id)
+    return bool(int(deleted))
 
 
 def _replay_whole(

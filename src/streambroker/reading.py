@@ -14,7 +14,7 @@ from .core import BrokerCore
 from .errors import InvalidArgumentError
 from .events import Event
 
-__all__ = ["read"]
+__all__ = ["latest", "read"]
 
 _ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
@@ -55,4 +55,17 @@ def read(
         Event(spec.name, raw_id.decode(), fields, spec.key)
         for _, entries in reply or ()
         for raw_id, fields in entries
+    ]
+
+
+def latest(core: BrokerCore, stream: str, count: int) -> Op[list[Event]]:
+    """The newest ``count`` events of ``stream``, oldest first."""
+    spec = core.stream(stream)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidArgumentError(
+            f"reading stream {stream}: count must be an integer >= 1, got {count!r}"
+        )
+    (entries,) = yield Send(spec.pool, (("XREVRANGE", spec.key, "+", "-", "COUNT", count),))
+    return [
+        Event(spec.name, raw_id.decode(), fields, spec.key) for raw_id, fields in reversed(entries)
     ]

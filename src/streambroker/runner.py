@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any, Generic, TypeVar
 
 from ._async import sleep
+from ._text import counted
 from .async_broker import AsyncBroker, AsyncConsumer
 from .backoff import backoff
 from .broker import Broker, Consumer, Handler
@@ -291,8 +292,8 @@ class Worker:
             )
             slot.thread.start()
         log.info(
-            "worker started: %d consumers per group for %s (%s)",
-            self._per_group,
+            "worker started: %s per group for %s (%s)",
+            counted(self._per_group, "consumer"),
             ", ".join(self.groups),
             ", ".join(dict.fromkeys(slot.plan.name for slot in self._slots)),
         )
@@ -364,8 +365,8 @@ class Worker:
                 if time.monotonic() >= summary_at:
                     now = self.counts.snapshot()
                     log.info(
-                        "handled %d events in the last %g s: %s",
-                        sum(now.values()) - sum(last.values()),
+                        "handled %s in the last %g s: %s",
+                        counted(sum(now.values()) - sum(last.values()), "event"),
                         self.summary_interval,
                         _summary({group: now[group] - last[group] for group in now}),
                     )
@@ -379,7 +380,11 @@ class Worker:
                 if signal.getsignal(sig) is on_signal:
                     signal.signal(sig, handler)
         totals = self.counts.snapshot()
-        log.info("worker stopped; handled %d events: %s", sum(totals.values()), _summary(totals))
+        log.info(
+            "worker stopped; handled %s: %s",
+            counted(sum(totals.values()), "event"),
+            _summary(totals),
+        )
         return totals
 
     def __enter__(self) -> Worker:
@@ -456,10 +461,10 @@ def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], start
     if log.isEnabledFor(logging.DEBUG):
         streams = dict.fromkeys(event.stream for event in events)
         log.debug(
-            "consumer %s of group %s handled %d events of %s in %.3f s",
+            "consumer %s of group %s handled %s of %s in %.3f s",
             slot.plan.name,
             slot.plan.group,
-            len(events),
+            counted(len(events), "event"),
             ", ".join(streams),
             time.monotonic() - started,
         )
@@ -591,7 +596,7 @@ class AsyncWorker:
         for sig in signals:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         tasks = [asyncio.create_task(self._serve(slot)) for slot in self._slots]
-        log.info("worker started: %d consumers", len(tasks))
+        log.info("worker started: %s", counted(len(tasks), "consumer"))
         try:
             last = self.counts.snapshot()
             while not self._stopping.is_set():
@@ -614,7 +619,11 @@ class AsyncWorker:
         if self._error is not None:
             raise self._error
         totals = self.counts.snapshot()
-        log.info("worker stopped; handled %d events: %s", sum(totals.values()), _summary(totals))
+        log.info(
+            "worker stopped; handled %s: %s",
+            counted(sum(totals.values()), "event"),
+            _summary(totals),
+        )
         return totals
 
     async def _serve(self, slot: _Slot[AsyncConsumer]) -> None:

@@ -72,6 +72,8 @@ class StreamStats:
     oldest_event_age: float | None
     groups: tuple[GroupStats, ...]
     orphan_groups: tuple[str, ...]
+    #: Events ever added to the stream (None from servers older than Redis 7).
+    entries_added: int | None = None
 
 
 def _name(raw: bytes) -> str:
@@ -207,6 +209,7 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
             oldest_event_age=_age(now_ms, first_entry[0] if first_entry else None),
             groups=(),
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
+            entries_added=info.get("entries-added"),
         )
         drafts.append((stream, groups))
         second.append(_Plan(plan.stream, plan.key, plan.pool, plan.groups, follow_up))
