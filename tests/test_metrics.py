@@ -187,3 +187,38 @@ def test_the_exporter_serves_a_whole_configuration(server: Server, tmp_path: Pat
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert out == f"serving metrics on http://127.0.0.1:{port}/metrics\n"
+
+
+def test_the_consumer_counts_what_became_of_each_delivery(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, metrics: Metrics
+) -> None:
+    with open_broker(config) as broker:
+        metrics.instrument(broker)
+        for n in range(5):
+            broker.publish("stream-a", n)
+
+        def handle(events: list[sb.Event]) -> None:
+            for event in events:
+                if event.body == 1:
+                    event.fail("poison")
+
+        consumer = broker.consumer("read-group-a", "c1", max_deliveries=2, retry_delay=0.01)
+
+        def dead_lettered() -> bool:
+            consumer.consume(handle, block=False)
+            return broker.group_stats("stream-a", "read-group-a").dead_letters == 1
+
+        wait_for(dead_lettered, what="the poison event to be dead-lettered")
+        broker.consumer("read-group-ab", "c1").consume(lambda events: None, count=2, block=False)
+    found = parse(metrics.exposition().decode())
+    group_a = {"pool": "default", "stream": "stream-a", "group": "read-group-a"}
+    assert value(found, "deliveries_total", **group_a, outcome="acked") == 4
+    assert value(found, "deliveries_total", **group_a, outcome="failed") == 1
+    assert value(found, "deliveries_total", **group_a, outcome="dead_lettered") == 1
+    group_ab = {**group_a, "group": "read-group-ab"}
+    assert value(found, "deliveries_total", **group_ab, outcome="dead_lettered") is None
+    handled = value(found, "handler_duration_seconds_count", group="read-group-a", consumer="c1")
+    assert handled is not None
+    assert handled >= 2
+    # read-group-ab acknowledged the last events the other group had settled: collected.
+    assert value(found, "gc_removed_total", pool="default", stream="stream-a") == 5

@@ -115,3 +115,54 @@ def test_a_failed_publish_records_its_error(
     for span, error in ((single, "EncodeError"), (batch_span, "RuntimeError")):
         assert span.status.status_code == StatusCode.ERROR
         assert (span.attributes or {})["error.type"] == error
+
+
+def test_a_consumer_makes_a_process_span_per_batch_linked_to_the_producers(
+    open_broker: OpenBroker,
+    config: sb.ValidatedRegistry,
+    tracing: Tracing,
+    exporter: InMemorySpanExporter,
+) -> None:
+    from opentelemetry import trace
+
+    inside: list[tuple[int, int]] = []
+    with open_broker(config) as broker:
+        tracing.instrument(broker)
+        first = broker.publish("stream-a", 1)
+        broker.publish("stream-b", 2)
+
+        def handle(events: list[sb.Event]) -> None:
+            context = trace.get_current_span().get_span_context()
+            inside.append((context.trace_id, context.span_id))
+            for event in events:
+                with tracing.event_span(event):
+                    pass
+
+        broker.consumer("read-group-ab").consume(handle, count=10, block=False)
+
+        def failing(events: list[sb.Event]) -> None:
+            raise ValueError("bad batch")
+
+        broker.publish("stream-c", 3)
+        with pytest.raises(ValueError, match="bad batch"):
+            broker.consumer("read-group-c").consume(failing, block=False)
+    producers = spans(exporter, SpanKind.PRODUCER)
+    consumers = spans(exporter, SpanKind.CONSUMER)
+    batch = next(span for span in consumers if span.name == "process")
+    per_event = [span for span in consumers if span.parent is not None]
+    failed = next(span for span in consumers if span.name == "process stream-c")
+    attributes = dict(batch.attributes or {})
+    assert attributes["messaging.operation.type"] == "process"
+    assert attributes["messaging.consumer.group.name"] == "read-group-ab"
+    assert attributes["messaging.batch.message_count"] == 2
+    assert "messaging.destination.name" not in attributes  # two streams in the batch
+    assert [link.context.span_id for link in batch.links] == [
+        span.get_span_context().span_id for span in producers[:2]
+    ]
+    # The handler ran inside the batch's span, and the per-event spans are its children.
+    assert inside == [(batch.context.trace_id, batch.context.span_id)]
+    assert [span.name for span in per_event] == ["process stream-a", "process stream-b"]
+    assert all(span.parent.span_id == batch.context.span_id for span in per_event)
+    assert (per_event[0].attributes or {})["messaging.message.id"] == first
+    assert failed.status.status_code == StatusCode.ERROR
+    assert (failed.attributes or {})["error.type"] == "ValueError"

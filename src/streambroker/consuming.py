@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,7 @@ from .errors import (
     ServerReplyError,
 )
 from .events import Event
-from .gc import collect_command
+from .gc import collect_command, removed_count
 from .handing import (
     DIED_ON_LAST_DELIVERY,
     LAST_DELIVERY_MARK,
@@ -67,6 +68,7 @@ from .handing import (
 )
 from .keys import lease_key, replay_key
 from .leases import LEASE_RETAKEN, acquire_command, release_command, renew_command
+from .observer import Outcome
 
 __all__ = ["ConsumerCore", "ConsumerOptions", "check_count", "claim", "remove_consumer"]
 
@@ -645,6 +647,10 @@ class ConsumerCore:
         elif kind == "gc":
             self._uncollected.pop(key, None)
             self._collect_at = time.monotonic() + COLLECT_EVERY
+            if self.core.observer is not None and not isinstance(reply, ReplyError):
+                source = self._sources[key]
+                removed = removed_count(source.pool, source.stream, reply)
+                self.core.observer.collected(source.pool, source.stream, removed)
         elif kind == "renew" and not self._renewed(reply):
             raise LeaseLostError(
                 self.group,
@@ -722,13 +728,19 @@ class ConsumerCore:
             if last and not (yield from self._mark_last_delivery(chunk[0])):
                 continue
             self._in_hand = chunk
+            started = time.monotonic()
+            traced = self._start_trace(chunk)
             try:
                 yield Handle(chunk, self.heartbeat, self._heartbeat_every)
             except BaseException as exc:
+                self._finish_trace(traced, exc)
                 self._settle(chunk, exc)
                 raise
             finally:
                 self._in_hand = []
+                if self.core.observer is not None:
+                    self.core.observer.handled(self.group, self.name, time.monotonic() - started)
+            self._finish_trace(traced, None)
             self._settle(chunk, None)
             if last:
                 # Its acknowledgement goes out before anything else is handed: if this
@@ -745,6 +757,18 @@ class ConsumerCore:
             if self.stopping:
                 break  # the rest stays pending: this consumer reads it first next time
         return handled
+
+    def _start_trace(self, events: list[Event]) -> tuple[Any, object] | None:
+        """With tracing: start the batch's CONSUMER span, current while it is handled."""
+        if self.core.tracing is None:
+            return None
+        pool = self._sources[events[0].key].pool
+        server = self.core.registry.pools[pool].server_address
+        return self.core.tracing.start_process(self.group, self.name, events, server)
+
+    def _finish_trace(self, traced: tuple[Any, object] | None, error: BaseException | None) -> None:
+        if traced is not None and self.core.tracing is not None:
+            self.core.tracing.finish_process(*traced, error)
 
     def _mark_last_delivery(self, event: Event) -> Op[bool]:
         """Mark ``event``, about to be handed alone on its last delivery (see
@@ -786,13 +810,17 @@ class ConsumerCore:
             (key,) = keys
             out = self._outgoing[self._sources[key].pool]
             out.acks.setdefault(key, []).extend([event.id for event in events])
+            if self.core.observer is not None:
+                self._observe({(key, "acked"): len(events)})
             return
+        outcomes: Counter[tuple[str, Outcome]] = Counter()
         for event in events:
             source = self._sources[event.key]
             out = self._outgoing[source.pool]
             error = event.error
             if error is None and failure is not None and not event.acked:
                 if event.delivery_count < limit:
+                    outcomes[event.key, "failed"] += 1
                     continue  # stays pending: delivered again, in a smaller batch
                 if not isinstance(failure, Exception):
                     # Not the handler's failure (a cancellation, an interrupt): the
@@ -806,17 +834,29 @@ class ConsumerCore:
             if error is not None:
                 if event.delivery_count >= limit:
                     self._bury(event, describe_failure(error))
+                    outcomes[event.key, "dead_lettered"] += 1
                 else:
                     delay = backoff(
                         event.delivery_count, self.options.retry_delay, self.options.retry_after
                     )
                     self._retries.setdefault(event.key, {})[event.id] = now + delay
+                    outcomes[event.key, "failed"] += 1
                 continue
             if now - event.read_at < safe and (event.key, event.id) not in self._lost:
                 out.acks.setdefault(event.key, []).append(event.id)
             else:
                 out.checked_acks.setdefault(event.key, []).append(event.id)
+            outcomes[event.key, "acked"] += 1
         self._lost.clear()
+        if self.core.observer is not None:
+            self._observe(outcomes)
+
+    def _observe(self, outcomes: Mapping[tuple[str, Outcome], int]) -> None:
+        """Tell the broker's observer what became of a batch's events, per source key."""
+        assert self.core.observer is not None
+        for (key, outcome), count in outcomes.items():
+            source = self._sources[key]
+            self.core.observer.delivered(source.pool, source.stream, self.group, outcome, count)
 
     def heartbeat(self) -> Op[None]:
         """Keep the lease and the events in hand while a long handler runs."""
