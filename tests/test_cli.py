@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -679,6 +681,37 @@ async def handle_ab(events):
     await asyncio.sleep(0)
     await client.rpush("handled:read-group-ab", *[event.id for event in events])
 """
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_worker_serves_metrics_health_and_readiness(
+    project: Path, client: sb.Broker, server: Server, kind: str
+) -> None:
+    app = APP if kind == "sync" else ASYNC_APP
+    (project / "app.py").write_text(app.format(port=server.port, fast=FAST))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:
+            return 0, ""
+
+    command = [*CLI, "worker", "app:broker", "--metrics-port", str(port)]
+    with started(command, project) as process:
+        wait_for(lambda: get("/readyz") == (200, "ready\n"), 30, "the worker to be ready")
+        assert get("/healthz") == (200, "ok\n")
+        client.publish("stream-b", "x")
+        wait_for(lambda: 'outcome="acked"' in get("/metrics")[1], 30, "the delivery to be counted")
+        text = get("/metrics")[1]
+        assert 'streambroker_deliveries_total{group="read-group-ab",outcome="acked"' in text
+        assert "streambroker_handler_duration_seconds_bucket" in text
+        stop_cleanly(process, signal.SIGTERM)
+    assert get("/healthz") == (0, "")  # gone with the worker
 
 
 def test_worker_runs_coroutine_handlers_of_an_async_broker(

@@ -442,3 +442,34 @@ def test_running_raises_what_stopped_the_worker(server: Server) -> None:
 
 async def _ignore(events: list[sb.Event]) -> None:
     del events
+
+
+def test_readiness_says_which_consumer_does_not_run_and_why(server: Server) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    with seed_registry(f"{nowhere}:0", f"{nowhere}:3").broker() as broker:
+        broker.handler("read-group-c", **FAST)(_handle)
+        worker = Worker(broker, name_prefix="w")
+        assert worker.readiness() == "consumer w-1 of group read-group-c is not running yet"
+        worker.start()
+        try:
+            wait_for(lambda: "Connection refused" in (worker.readiness() or ""), 30)
+            assert (worker.readiness() or "").startswith(
+                "consumer w-1 of group read-group-c is not running: "
+            )
+        finally:
+            worker.stop()
+            assert worker.join(30)
+        assert worker.readiness() == "the worker is stopping"
+    with seed_registry(f"{server.address}:0", f"{server.address}:3").broker() as broker:
+        broker.handler("read-group-c", **FAST)(_handle)
+        worker = Worker(broker)
+        worker.start()
+        try:
+            wait_for(lambda: worker.readiness() is None, 30, "the consumer to run")
+        finally:
+            worker.stop()
+            assert worker.join(30)
+
+
+def _handle(events: list[sb.Event]) -> None:
+    del events

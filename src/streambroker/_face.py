@@ -215,6 +215,17 @@ class ConsumerFace:
         return self._core.group
 
     @property
+    def running(self) -> bool:
+        """Whether it consumes now: it holds its name's lease and its last round trip
+        to the server succeeded."""
+        return self._core.running
+
+    @property
+    def problem(self) -> str | None:
+        """Why its last round trip failed, while it tries again; None when it did not."""
+        return self._core.problem
+
+    @property
     def name(self) -> str:
         """This consumer's name within its group."""
         return self._core.name

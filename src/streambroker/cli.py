@@ -9,6 +9,7 @@ below it) and exit code 1; ``--debug`` shows the traceback instead, and debug lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -909,6 +910,20 @@ def worker(
             help="Look MODULE up in the current directory first (put it first on sys.path).",
         ),
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve /metrics, /healthz and /readyz on this port.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option("--metrics-host", help="Address to serve them on (0.0.0.0: every interface)."),
+    ] = "127.0.0.1",
 ) -> None:
     """Run the handlers registered on a broker until SIGTERM or Ctrl-C.
 
@@ -928,24 +943,48 @@ def worker(
         "name_prefix": name_prefix,
         "summary_interval": summary_interval,
     }
+    serve = None if metrics_port is None else _metrics_server(broker, metrics_host, metrics_port)
     if isinstance(broker, AsyncBroker):
-        asyncio.run(_run_async_worker(broker, settings))
+        asyncio.run(_run_async_worker(broker, settings, serve))
         return
     with broker:
-        Worker(broker, **settings).run()
+        runner = Worker(broker, **settings)
+        with serve(runner.readiness) if serve else contextlib.nullcontext():
+            runner.run()
 
 
-async def _run_async_worker(broker: AsyncBroker, settings: dict[str, Any]) -> None:
+async def _run_async_worker(
+    broker: AsyncBroker, settings: dict[str, Any], serve: _Serve | None
+) -> None:
     async with broker:
-        await AsyncWorker(broker, **settings).run()
+        runner = AsyncWorker(broker, **settings)
+        with serve(runner.readiness) if serve else contextlib.nullcontext():
+            await runner.run()
+
+
+_Serve = Callable[[Callable[[], str | None]], contextlib.AbstractContextManager[None]]
+
+
+def _metrics_server(broker: Broker | AsyncBroker, host: str, port: int) -> _Serve:
+    """Count what ``broker`` does; what serves it, with a worker's readiness, while open."""
+    from .metrics import Metrics
+    from .serving import OpsServer
+
+    metrics = Metrics()
+    metrics.instrument(broker)
+
+    @contextlib.contextmanager
+    def serving(ready: Callable[[], str | None]) -> Iterator[None]:
+        server = OpsServer(metrics.exposition, ready, host, port).start()
+        try:
+            yield
+        finally:
+            server.close()
+
+    return serving
 
 
 # -- metrics --------------------------------------------------------------------------
-
-MetricsHost = Annotated[
-    str,
-    typer.Option("--metrics-host", help="Address to serve metrics on (0.0.0.0: every interface)."),
-]
 
 
 @app.command()

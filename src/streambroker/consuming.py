@@ -212,6 +212,8 @@ class ConsumerCore:
         self._heartbeat_every = min(options.retry_after, options.lease) / 3
         self._token = ""
         self._leased = False  # whether the lease is taken (the token may be, unconfirmed)
+        #: Why the last round trip failed while the consumer tries again (None: it did not).
+        self.problem: str | None = None
         # Per key: where re-reading this consumer's own pending events goes on ("-"
         # or "(id"); keys without an entry read new events.
         self._own: dict[str, str] = {}
@@ -286,8 +288,10 @@ class ConsumerCore:
                         else f"attempt {failures} of {ONE_SHOT_ATTEMPTS}",
                     )
                     reported = text
+                    self.problem = text
                     yield Sleep(delay)
                     continue
+                self.problem = None
                 if failures:
                     log.warning(
                         "consumer %s of group %s: reconnected after %d failed attempts",
@@ -320,6 +324,11 @@ class ConsumerCore:
             self.stopping = False
             yield from self._release()
         return handled
+
+    @property
+    def running(self) -> bool:
+        """Whether the consumer holds its lease and its last round trip succeeded."""
+        return self._leased and self.problem is None
 
     def _recoverable(self, exc: BrokerError) -> bool:
         """Whether a failed step is worth trying again (and prepare for it)."""

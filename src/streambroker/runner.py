@@ -217,6 +217,18 @@ class _Slot(Generic[ConsumerT]):
         self.thread: threading.Thread | None = None
 
 
+def _readiness(slots: Sequence[_Slot[Any]], stopping: bool) -> str | None:
+    """Why a worker is not ready (``/readyz``), or None when every consumer runs."""
+    if stopping:
+        return "the worker is stopping"
+    for slot in slots:
+        consumer = slot.consumer
+        if not consumer.running:
+            why = f": {consumer.problem}" if consumer.problem else " yet"
+            return f"consumer {slot.plan.name} of group {slot.plan.group} is not running{why}"
+    return None
+
+
 class Worker:
     """Runs the handlers registered on ``broker`` with consumers in threads.
 
@@ -297,6 +309,11 @@ class Worker:
             ", ".join(self.groups),
             ", ".join(dict.fromkeys(slot.plan.name for slot in self._slots)),
         )
+
+    def readiness(self) -> str | None:
+        """None once every consumer runs (holds its lease, reaches its pools); else why
+        not, in one line (what ``/readyz`` answers)."""
+        return _readiness(self._slots, self._stopping.is_set())
 
     def stop(self) -> None:
         """Ask every consumer to stop once its batch in hand is handled; returns at once.
@@ -554,6 +571,10 @@ class AsyncWorker:
     def error(self) -> PoolAuthenticationError | None:
         """What stopped the worker, if anything did (see :attr:`Worker.error`)."""
         return self._error
+
+    def readiness(self) -> str | None:
+        """See :meth:`Worker.readiness`; safe to call from another thread."""
+        return _readiness(self._slots, self._stopping.is_set())
 
     async def stop(self) -> None:
         """Ask every consumer to stop once its batch in hand is handled."""
