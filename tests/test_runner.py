@@ -473,3 +473,55 @@ def test_readiness_says_which_consumer_does_not_run_and_why(server: Server) -> N
 
 def _handle(events: list[sb.Event]) -> None:
     del events
+
+
+def test_the_sync_and_async_workers_log_the_same_lines(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambroker")
+    config = seed_registry(f"{server.address}:0", f"{server.address}:3")
+
+    def lines() -> list[str]:
+        found = [record.getMessage() for record in caplog.records]
+        caplog.clear()
+        shapes = {"worker started", "worker stopped", "handled "}
+        return [line for line in found if any(line.startswith(shape) for shape in shapes)]
+
+    with config.broker() as broker:
+        broker.publish("stream-c", 1)
+        broker.handler("read-group-c", **FAST)(_handle)
+        worker = Worker(broker, name_prefix="w", summary_interval=0.05)
+        thread = threading.Thread(target=worker.run, kwargs={"handle_signals": False})
+        thread.start()
+        wait_for(lambda: worker.counts.snapshot()["read-group-c"] == 1, 30)
+        worker.stop()
+        thread.join(30)
+    sync_lines = lines()
+
+    async def main() -> None:
+        async with config.async_broker() as broker:
+            await broker.publish("stream-c", 2)
+            broker.handler("read-group-c", **FAST)(_handle_async)
+            worker = AsyncWorker(broker, name_prefix="w", summary_interval=0.05)
+            running = asyncio.ensure_future(worker.run(handle_signals=False))
+            async with asyncio.timeout(30):
+                while worker.counts.snapshot()["read-group-c"] != 1:
+                    await asyncio.sleep(0.01)
+            await worker.stop()
+            await running
+
+    asyncio.run(main())
+    async_lines = lines()
+    started = "worker started: 1 consumer per group for read-group-c (w-1)"
+    stopped = "worker stopped; handled 1 event: read-group-c 1"
+    for found in (sync_lines, async_lines):
+        assert found[0] == started, found
+        assert found[-1] == stopped, found
+        assert all(
+            re.fullmatch(r"handled \d+ events? in the last 0\.05 s: read-group-c \d+", line)
+            for line in found[1:-1]
+        ), found
+
+
+async def _handle_async(events: list[sb.Event]) -> None:
+    del events

@@ -197,6 +197,43 @@ def _summary(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{group} {count}" for group, count in counts.items())
 
 
+# The lines both workers log, the same for each.
+
+
+def _log_started(slots: Sequence[_Slot[Any]], per_group: int) -> None:
+    log.info(
+        "worker started: %s per group for %s (%s)",
+        counted(per_group, "consumer"),
+        ", ".join(dict.fromkeys(slot.plan.group for slot in slots)),
+        ", ".join(dict.fromkeys(slot.plan.name for slot in slots)),
+    )
+
+
+def _log_signal(signum: int) -> None:
+    log.info(
+        "%s received: stopping after the batches in hand (send it again to quit at once)",
+        signal.Signals(signum).name,
+    )
+
+
+def _log_summary(interval: float, last: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """Log what was handled since ``last``; returns ``now``, the next ``last``."""
+    log.info(
+        "handled %s in the last %g s: %s",
+        counted(sum(now.values()) - sum(last.values()), "event"),
+        interval,
+        _summary({group: now[group] - last[group] for group in now}),
+    )
+    return now
+
+
+def _log_stopped(totals: dict[str, int]) -> dict[str, int]:
+    log.info(
+        "worker stopped; handled %s: %s", counted(sum(totals.values()), "event"), _summary(totals)
+    )
+    return totals
+
+
 def _positive_interval(seconds: object, what: str = "summary_interval") -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
         raise InvalidArgumentError(f"{what} must be a positive number of seconds, got {seconds!r}")
@@ -303,12 +340,7 @@ class Worker:
                 daemon=True,
             )
             slot.thread.start()
-        log.info(
-            "worker started: %s per group for %s (%s)",
-            counted(self._per_group, "consumer"),
-            ", ".join(self.groups),
-            ", ".join(dict.fromkeys(slot.plan.name for slot in self._slots)),
-        )
+        _log_started(self._slots, self._per_group)
 
     def readiness(self) -> str | None:
         """None once every consumer runs (holds its lease, reaches its pools); else why
@@ -372,22 +404,11 @@ class Worker:
             summary_at = time.monotonic() + self.summary_interval
             while not self._stopping.is_set():
                 if received:
-                    log.info(
-                        "%s received: stopping after the batches in hand (send it again to "
-                        "quit at once)",
-                        signal.Signals(received[0]).name,
-                    )
+                    _log_signal(received[0])
                     self.stop()
                     break
                 if time.monotonic() >= summary_at:
-                    now = self.counts.snapshot()
-                    log.info(
-                        "handled %s in the last %g s: %s",
-                        counted(sum(now.values()) - sum(last.values()), "event"),
-                        self.summary_interval,
-                        _summary({group: now[group] - last[group] for group in now}),
-                    )
-                    last = now
+                    last = _log_summary(self.summary_interval, last, self.counts.snapshot())
                     summary_at += self.summary_interval
                 self._stopping.wait(min(_SIGNAL_POLL, max(0.0, summary_at - time.monotonic())))
             self.join()
@@ -396,13 +417,7 @@ class Worker:
             for sig, handler in previous.items():
                 if signal.getsignal(sig) is on_signal:
                     signal.signal(sig, handler)
-        totals = self.counts.snapshot()
-        log.info(
-            "worker stopped; handled %s: %s",
-            counted(sum(totals.values()), "event"),
-            _summary(totals),
-        )
-        return totals
+        return _log_stopped(self.counts.snapshot())
 
     def __enter__(self) -> Worker:
         self.start()
@@ -563,6 +578,7 @@ class AsyncWorker:
             for plan in plans
         ]
         self.summary_interval = _positive_interval(summary_interval)
+        self._per_group = consumers
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = asyncio.Event()
         self._error: PoolAuthenticationError | None = None
@@ -614,23 +630,25 @@ class AsyncWorker:
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
         signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        stopping: set[asyncio.Task[None]] = set()  # kept, so that no stop is collected early
+
+        def on_signal(signum: int) -> None:
+            _log_signal(signum)
+            task = asyncio.ensure_future(self.stop())
+            stopping.add(task)
+            task.add_done_callback(stopping.discard)
+
         for sig in signals:
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+            loop.add_signal_handler(sig, on_signal, sig)
         tasks = [asyncio.create_task(self._serve(slot)) for slot in self._slots]
-        log.info("worker started: %s", counted(len(tasks), "consumer"))
+        _log_started(self._slots, self._per_group)
         try:
             last = self.counts.snapshot()
             while not self._stopping.is_set():
                 await sleep(self.summary_interval, self._stopping)
                 if self._stopping.is_set():
                     break
-                now = self.counts.snapshot()
-                log.info(
-                    "handled in the last %g s: %s",
-                    self.summary_interval,
-                    _summary({g: now[g] - last[g] for g in now}),
-                )
-                last = now
+                last = _log_summary(self.summary_interval, last, self.counts.snapshot())
             await asyncio.gather(*tasks)
         finally:
             for sig in signals:
@@ -639,13 +657,7 @@ class AsyncWorker:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._error is not None:
             raise self._error
-        totals = self.counts.snapshot()
-        log.info(
-            "worker stopped; handled %s: %s",
-            counted(sum(totals.values()), "event"),
-            _summary(totals),
-        )
-        return totals
+        return _log_stopped(self.counts.snapshot())
 
     async def _serve(self, slot: _Slot[AsyncConsumer]) -> None:
         handle = _recording(slot, self.counts)
