@@ -279,7 +279,7 @@ def stats_table(streams: Sequence[StreamStats], caption: str | None = None) -> T
         )
         for group in stream.groups:
             table.add_row(
-                _cell(f"  {group.group}"),
+                _cell(f"  {group.group}" + ("" if group.created else " (not created yet)")),
                 "",
                 "",
                 str(group.lag),

@@ -217,8 +217,8 @@ def list_dead_letters(
 def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     """Deliver every dead letter of ``group`` from ``stream`` again, to that group only."""
     pool = core.stream_group(stream, group).pool
-    yield from core.ensure_groups((pool,))
     dead, replay = dead_letter_key(stream, group), replay_key(stream, group)
+    yield from core.ensure_groups([(pool, replay, group)])  # the key it writes
     copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     moved = 0
     while True:
