@@ -18,8 +18,10 @@ import streambroker as sb
 from streambroker.keys import dead_letter_key
 
 from .conftest import SEED_YAML_TEMPLATE, Server, wait_for
-from .roles import setuser_line
+from .roles import ROLES, setuser_line
 from .test_cli import cli_env, invoke
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class Role:
@@ -283,3 +285,11 @@ def test_the_operator_reads_everything_and_changes_nothing(role: Role, tmp_path:
     # The operator changes nothing, not even through a script.
     with role.config.broker() as broker, pytest.raises(sb.PoolPermissionError):
         broker.collect_garbage("stream-a")
+
+
+def test_the_readme_shows_the_roles() -> None:
+    text = README.read_text()
+    config = seed_config("localhost:6379")
+    for name in ROLES:
+        line = setuser_line(name, config, "PASSWORD")
+        assert line in text, f"README.md does not show the {name} role as:\n{line}"
