@@ -4,6 +4,7 @@ even by a script or while connecting), and gets the right results."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -74,10 +75,8 @@ def bodies(client: redis.Redis, stream: str) -> list[bytes]:
 @pytest.mark.parametrize("role", ["publisher"], indirect=True)
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_the_publisher_publishes_to_both_pools(role: Role, face: str) -> None:
-    async_face = face == "async"
     ids: list[str] = []
-    if async_face:
-        import asyncio
+    if face == "async":
 
         async def publish() -> None:
             async with role.config.async_broker(codec="json") as broker:
