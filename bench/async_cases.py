@@ -71,7 +71,7 @@ async def _async_broker(config: sb.ValidatedRegistry) -> AsyncIterator[Any]:
 
 
 async def _warm(broker: Any) -> None:
-    """Connect and create the groups without touching STREAM."""
+    """Connect without touching STREAM (collecting creates nothing)."""
     if hasattr(broker, "collect_garbage"):
         await _maybe_await(broker.collect_garbage(WARM_STREAM))
     else:

@@ -38,7 +38,7 @@ GC_SECONDS_TARGET = 2.0
 
 
 def _warm_broker(broker: sb.Broker) -> None:
-    """Connect and create the groups without touching STREAM's events."""
+    """Connect without touching STREAM's events (collecting creates nothing)."""
     broker.collect_garbage(WARM_STREAM)
 
 

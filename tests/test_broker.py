@@ -48,15 +48,6 @@ def test_publish_returns_the_entry_id(broker: sb.Broker, server: Server) -> None
     assert [entry_id.decode() for entry_id, _ in entries] == [event_id]
 
 
-def test_groups_exist_before_the_first_publish(broker: sb.Broker, server: Server) -> None:
-    broker.publish("stream-a", "early")
-    groups = server.client().xinfo_groups("stream-a")
-    assert sorted(g["name"].decode() for g in groups) == ["read-group-a", "read-group-ab"]
-    assert all(g["last-delivered-id"] == b"0-0" for g in groups)
-    # The other streams of the pool got their groups in the same step.
-    assert [g["name"] for g in server.client().xinfo_groups("stream-b")] == [b"read-group-ab"]
-
-
 def test_event_published_before_any_consumer_reaches_every_group(broker: sb.Broker) -> None:
     first = broker.publish("stream-a", "before")
     for group in ("read-group-a", "read-group-ab"):

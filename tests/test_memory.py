@@ -129,33 +129,26 @@ def test_publishing_fails_until_a_new_consumer_drains_the_full_server(
     assert server.client().xrange("stream-a")[0][0].decode() == after
 
 
-def test_groups_that_exist_are_found_when_the_server_cannot_create_any(
+def test_consumers_create_their_groups_when_the_server_has_no_memory(
     config: sb.ValidatedRegistry, open_broker: OpenBroker, memory: Memory, server: Server
 ) -> None:
-    open_broker(config).publish("stream-a", "one")  # every group of the pool exists
+    first = open_broker(config)
+    first.publish("stream-a", "one")  # publishing creates no group
+    first.consumer("read-group-a", "early").consume(Collector(), block=False)  # this one exists
     memory.exhaust()
-
-    broker = open_broker(config)  # a new broker tries to create them, and finds them
-    assert broker.collect_garbage("stream-a", "stream-b") == {"stream-a": 0, "stream-b": 0}
-    with pytest.raises(sb.OutOfMemoryError) as caught:
-        broker.publish("stream-b", "two")
-    assert str(caught.value) == "redis pool 'default': XADD stream-b" + OOM_TEXT
-    assert server.client().xlen("stream-b") == 0
-
-
-def test_a_missing_group_is_an_out_of_memory_error(
-    config: sb.ValidatedRegistry, open_broker: OpenBroker, memory: Memory, server: Server
-) -> None:
-    memory.exhaust()
-    broker = open_broker(config)
+    broker = open_broker(config)  # a new broker: it has created nothing yet
 
     with pytest.raises(sb.OutOfMemoryError) as caught:
-        broker.publish("stream-a", "one")
+        broker.publish("stream-a", "two")
+    assert str(caught.value) == "redis pool 'default': XADD stream-a" + OOM_TEXT
 
-    refused = "cannot create consumer group 'read-group-a' of stream 'stream-a'"
-    assert caught.value.command == refused
-    assert str(caught.value) == f"redis pool 'default': {refused}" + OOM_TEXT
-    assert server.client().exists("stream-a") == 0
+    for group in ("read-group-a", "read-group-ab"):
+        collector = Collector()
+        broker.consumer(group, "started-when-full").consume(collector, block=False)
+        assert len(collector.ids) == (group == "read-group-ab")
+    groups = server.client().xinfo_groups("stream-a")
+    assert sorted(g["name"].decode() for g in groups) == ["read-group-a", "read-group-ab"]
+    assert server.client().xlen("stream-a") == 0  # both groups settled it
 
 
 def test_a_script_refused_for_memory_is_an_out_of_memory_error(

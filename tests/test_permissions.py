@@ -99,7 +99,7 @@ def test_a_refused_publish_names_the_command(
     assert "no permissions to run the 'xadd' command" in str(error)
     # The connection stays in step: what the user may do still works.
     assert broker.stream_stats("stream-a").length == 0
-    assert server.client().exists("stream-a") == 1  # the groups were created
+    assert server.client().exists("stream-a") == 0  # publishing creates nothing else
 
 
 def test_a_command_refused_inside_a_script_names_the_script(
@@ -203,6 +203,7 @@ def test_stats_surface_a_denied_read(
 ) -> None:
     admin = server.client()
     with open_broker(users.config()) as owner:
+        owner.consumer("read-group-ab", "idle").consume(lambda events: None, block=False)
         ids = [owner.publish("stream-a", n) for n in range(3)]
         owner.consumer("read-group-a", "stopped").consume(lambda events: None, count=1, block=False)
     admin.xdel("stream-a", ids[1])  # the server no longer knows the lag
@@ -220,10 +221,11 @@ def test_stats_show_names_that_are_not_utf8(server: Server, open_broker: OpenBro
         SEED_YAML_TEMPLATE.format(default=f"{server.address}:0", second=f"{server.address}:3")
     ).validate()
     with open_broker(config) as broker:
+        broker.consumer("read-group-a", "c").consume(lambda events: None, block=False)
         broker.publish("stream-a", 1)
         server.client().execute_command(
             "XGROUP", "CREATECONSUMER", "stream-a", "read-group-a", b"bad\xffname"
         )
         (stream,) = broker.stats("stream-a")
     group = next(g for g in stream.groups if g.group == "read-group-a")
-    assert [c.name for c in group.consumers] == ["bad\\xffname"]
+    assert [c.name for c in group.consumers] == ["bad\\xffname", "c"]

@@ -28,7 +28,7 @@ def reset_group(core: BrokerCore, stream: str, group: str, to: str) -> Op[None]:
             f"consumer group {group!r} of stream {stream!r}: the position is an event id "
             f"such as '1518951480106-0', '0' or '$', got {to!r}"
         )
-    yield from core.ensure_groups((spec.pool,))
+    yield from core.ensure_groups([(spec.pool, spec.key, group)])
     yield single(spec.pool, "XGROUP", "SETID", spec.key, group, to)
 
 
@@ -65,7 +65,6 @@ def purge_stream(core: BrokerCore, stream: str) -> Op[int]:
     consumers that hold them.
     """
     spec = core.stream(stream)
-    yield from core.ensure_groups((spec.pool,))
     keys = [spec.key, *(replay_key(spec, group) for group in spec.groups)]
     removed = yield Send(spec.pool, [("XTRIM", key, "MAXLEN", 0) for key in keys])
     return sum(int(count) for count in removed)

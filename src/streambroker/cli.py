@@ -376,7 +376,7 @@ def stats_table(
         for group in stream.groups:
             extra = ["", "", rate((stream.stream, group.group))] if rates is not None else []
             table.add_row(
-                _cell(f"  {group.group}"),
+                _cell(f"  {group.group}" + ("" if group.created else " (not created yet)")),
                 "",
                 "",
                 str(group.lag),

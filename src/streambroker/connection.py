@@ -47,6 +47,12 @@ def client_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
         "socket_connect_timeout": options.connect_timeout,
         "client_name": "streambroker",
     }
+    # No CLIENT SETINFO when connecting: Redis 7.0 lacks it, so an ACL cannot allow it
+    # there, and on later servers a user not allowed it fills the ACL log.
+    if hasattr(redis, "DriverInfo"):
+        kwargs["driver_info"] = None
+    else:  # older redis-py
+        kwargs.update(lib_name=None, lib_version=None)
     if spec.kind == "tcp":
         kwargs.update(host=spec.host, port=spec.port)
     elif spec.kind == "embedded":

@@ -200,6 +200,7 @@ class ConsumerCore:
             sources.append(_Source(spec, spec.key, spec.pool, spec.groups))
             sources.append(_Source(spec, replay_key(spec, group), spec.pool, (group,)))
         self._sources = {source.key: source for source in sources}
+        self._groups = core.group_keys(group)  # (pool, key, group) it reads
         self._by_pool: dict[str, list[_Source]] = {}
         for source in sources:
             self._by_pool.setdefault(source.pool, []).append(source)
@@ -264,7 +265,7 @@ class ConsumerCore:
             while True:
                 reading_new = self._leased and not self._own
                 try:
-                    yield from self.core.ensure_groups(self._by_pool)  # at once when lost
+                    yield from self.core.ensure_groups(self._groups)  # at once when lost
                     if not self._leased:
                         yield from self._acquire()
                     events = yield from self._step(count, block and not self.stopping)
@@ -394,7 +395,7 @@ class ConsumerCore:
         if lost:
             for pool in lost:
                 self._report_loss(pool, "the group vanished")
-            yield from self.core.ensure_groups(lost)
+            yield from self.core.ensure_groups(g for g in self._groups if g[0] in lost)
             again = [send for send in sends if send.pool in lost]
             if self._created(again, (yield Parallel(again))):
                 raise ServerReplyError(lost[0], f"consumer group {self.group!r} vanished again")
@@ -940,7 +941,7 @@ def claim(core: BrokerCore, group: str, source: str, target: str, force: bool = 
         if problem:
             raise InvalidArgumentError(f"consumer group {group}: {problem}")
     streams = core.group_streams(group)
-    yield from core.ensure_groups(spec.pool for spec in streams)
+    yield from core.ensure_groups(core.group_keys(group))
     if not force:
         yield from _refuse_running(core, group, source)
     moved = 0
@@ -974,8 +975,7 @@ def leave(core: BrokerCore, group: str, name: str) -> Op[list[str]]:
     Returns the streams where it stays because it holds pending events there (a live
     consumer reclaims them once they are idle for ``retry_after``).
     """
-    streams = core.group_streams(group)
-    yield from core.ensure_groups(spec.pool for spec in streams)
+    yield from core.ensure_groups(core.group_keys(group))
     yield from _refuse_running(core, group, name)
     return (yield from _delete_consumer(core, group, name))
 
@@ -986,8 +986,7 @@ def remove_consumer(core: BrokerCore, group: str, name: str, to: str | None) -> 
     Returns how many pending events were moved. Never deletes a consumer that still
     has pending events.
     """
-    streams = core.group_streams(group)
-    yield from core.ensure_groups(spec.pool for spec in streams)
+    yield from core.ensure_groups(core.group_keys(group))
     yield from _refuse_running(core, group, name)
     if to is None:
         to = yield from _live_consumer(core, group, exclude=name)

@@ -1,7 +1,7 @@
 """State and logic shared by every operation of one broker, free of I/O.
 
 :class:`BrokerCore` knows the validated registry, the codec and limits, and which
-pools already have their consumer groups; the sync and async faces both drive it.
+consumer groups it created already; the sync and async faces both drive it.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._effects import Op, Parallel, ReplyError, Send
+from ._effects import Op, Parallel, ReplyError, Script, Send
 from .codecs import Codec, get_codec
 from .config import StreamSpec, ValidatedRegistry
 from .errors import (
     InvalidArgumentError,
-    OutOfMemoryError,
     UnknownGroupError,
     UnknownStreamError,
 )
@@ -76,7 +75,7 @@ class BrokerCore:
         self.registry = registry
         self.codec: Codec = get_codec(codec)
         self.max_body_size = max_body_size
-        self._ready_pools: set[str] = set()
+        self._ready: set[tuple[str, str, str]] = set()  # (pool, key, group) created
         self._handlers: dict[str, _GroupHandlers] = {}
         #: Told what the broker does (its metrics), when set.
         self.observer: Observer | None = None
@@ -149,77 +148,64 @@ class BrokerCore:
             raise UnknownGroupError(group) from None
         return tuple(self.registry.streams[name] for name in names)
 
-    def ensure_groups(self, pools: Iterable[str]) -> Op[None]:
-        """Create every registered group of the streams in ``pools``, once per broker.
+    def group_keys(self, group: str) -> list[tuple[str, str, str]]:
+        """``(pool, key, group)`` for every stream the registered ``group`` reads and for
+        the group's replay stream of each: what a consumer of ``group`` reads."""
+        return [
+            (spec.pool, key, group)
+            for spec in self.group_streams(group)
+            for key in (spec.key, replay_key(spec, group))
+        ]
 
-        Groups start at the beginning of the stream (id 0), so events published before
-        a group's first consumer ran are still delivered to it; each group also gets its
-        replay stream. One pipeline per pool.
+    def ensure_groups(self, wanted: Iterable[tuple[str, str, str]]) -> Op[None]:
+        """Create the groups ``wanted`` (``(pool, key, group)`` each), once per broker.
 
-        A server out of memory refuses ``XGROUP CREATE`` even for a group that exists:
-        then the groups are looked up (``XINFO GROUPS``, which needs no memory), and
-        :class:`OutOfMemoryError` is raised only for one that is missing.
+        Only what an operation touches is created: a consumer its own group, on its
+        streams and replay streams. Groups start at the beginning of the stream (id 0),
+        so events published before a group's first consumer ran are still delivered to
+        it (and garbage collection keeps them until then). One pipeline per pool.
+
+        A script creates them, one that runs even when the server is out of memory:
+        consumers that start then must be able to drain it.
         """
-        todo = [pool for pool in dict.fromkeys(pools) if pool not in self._ready_pools]
+        todo = [item for item in dict.fromkeys(wanted) if item not in self._ready]
         if not todo:
             return
-        sends = []
-        for pool in todo:
-            commands = [
-                ("XGROUP", "CREATE", key, group, "0", "MKSTREAM")
-                for stream in self.registry.streams.values()
-                if stream.pool == pool
-                for group in stream.groups
-                for key in (stream.key, replay_key(stream, group))
-            ]
-            if commands:
-                sends.append(Send(pool, commands, allow_errors=True))
+        per_pool: dict[str, list[tuple[str, str, str]]] = {}
+        for item in todo:
+            per_pool.setdefault(item[0], []).append(item)
+        sends = [
+            Send(
+                pool,
+                [("EVALSHA", _CREATE_GROUP.sha, 1, key, group) for _, key, group in items],
+                allow_errors=True,
+            )
+            for pool, items in per_pool.items()
+        ]
         results = yield Parallel(sends)
-        refused: dict[str, list[tuple[str, str]]] = {}  # per pool: (key, group)
         for send, replies in zip(sends, results, strict=True):
-            for command, reply in zip(send.commands, replies, strict=True):
-                if not isinstance(reply, ReplyError) or reply.message.startswith("BUSYGROUP"):
-                    continue
-                key, group = str(command[2]), str(command[3])
-                if reply.out_of_memory:
-                    refused.setdefault(send.pool, []).append((key, group))
-                    continue
-                raise reply.error(send.pool, _creating(key, group))
-        if refused:
-            yield from _check_groups_exist(refused)
-        self._ready_pools.update(todo)
-
-    def is_ready(self, pool: str) -> bool:
-        """Whether the groups of ``pool`` were created by this broker already."""
-        return pool in self._ready_pools
+            for (_, key, group), reply in zip(per_pool[send.pool], replies, strict=True):
+                if isinstance(reply, ReplyError):
+                    raise reply.error(send.pool, _creating(key, group))
+        self._ready.update(todo)
 
     def forget_groups(self, pool: str) -> None:
         """Make the next operation on ``pool`` create its groups again (they were lost)."""
-        self._ready_pools.discard(pool)
+        self._ready = {item for item in self._ready if item[0] != pool}
+
+
+# Create group ARGV[1] of stream KEYS[1] at id 0 (and the stream) unless it exists:
+# 1 when created, 0 when it existed. It runs when the server is out of memory, which
+# refuses XGROUP CREATE itself (a group and an empty stream take a few bytes).
+_CREATE_GROUP = Script("""#!lua flags=allow-oom
+local reply = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(reply) == 'table' and reply.err then
+  if string.sub(reply.err, 1, 9) == 'BUSYGROUP' then return 0 end
+  return reply
+end
+return 1
+""")
 
 
 def _creating(key: str, group: str) -> str:
     return f"cannot create consumer group {group!r} of stream {key!r}"
-
-
-def _check_groups_exist(wanted: Mapping[str, list[tuple[str, str]]]) -> Op[None]:
-    """Raise :class:`OutOfMemoryError` for the first (key, group) of a pool that is missing."""
-    keys = {pool: list(dict.fromkeys(key for key, _ in pairs)) for pool, pairs in wanted.items()}
-    sends = [
-        Send(pool, [("XINFO", "GROUPS", key) for key in pool_keys], allow_errors=True)
-        for pool, pool_keys in keys.items()
-    ]
-    results = yield Parallel(sends)
-    for send, replies in zip(sends, results, strict=True):
-        existing: set[tuple[str, str]] = set()
-        for key, reply in zip(keys[send.pool], replies, strict=True):
-            if isinstance(reply, ReplyError):
-                if reply.denied:
-                    raise reply.error(send.pool, f"XINFO GROUPS {key}")
-                continue  # "no such key": the stream is missing, and so its group
-            for row in reply:
-                info = dict(zip(row[::2], row[1::2], strict=True))
-                existing.add((key, info[b"name"].decode()))
-        for key, group in wanted[send.pool]:
-            if (key, group) not in existing:
-                raise OutOfMemoryError(send.pool, _creating(key, group))

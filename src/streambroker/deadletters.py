@@ -246,8 +246,8 @@ def replay_dead_letters(core: BrokerCore, stream: str, group: str) -> Op[int]:
     """Deliver every dead letter of ``group`` from ``stream`` again, to that group only."""
     spec = core.stream_group(stream, group)
     pool = spec.pool
-    yield from core.ensure_groups((pool,))
     dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
+    yield from core.ensure_groups([(pool, replay, group)])  # the key it writes
     copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     moved = 0
     while True:
@@ -276,8 +276,8 @@ def replay_dead_letter(core: BrokerCore, stream: str, group: str, letter_id: str
     ``stream`` again, to that group only; False when there is no such dead letter."""
     pool = _letter_pool(core, stream, group, letter_id)
     spec = core.stream(stream)
-    yield from core.ensure_groups((pool,))
     dead, replay = dead_letter_key(spec, group), replay_key(spec, group)
+    yield from core.ensure_groups([(pool, replay, group)])  # the key it writes
     copied = 2 * (MAX_COPIED_FIELDS + _ADDED_FIELDS)
     (reply,) = yield single(pool, "EVALSHA", _REPLAY_ONE.sha, 2, dead, replay, letter_id, copied)
     outcome, fields = reply

@@ -136,7 +136,6 @@ def collect(core: BrokerCore, streams: Iterable[str]) -> Op[dict[str, int]]:
     per_pool: dict[str, list[str]] = {}
     for name in names:
         per_pool.setdefault(core.stream(name).pool, []).append(name)
-    yield from core.ensure_groups(per_pool)
     plans: dict[str, list[tuple[str, Command]]] = {}
     for pool, pool_streams in per_pool.items():
         plan = plans[pool] = []

@@ -38,8 +38,6 @@ def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | 
 def _publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     spec = core.stream(stream)
     command = _xadd(core, stream, body, meta)
-    if not core.is_ready(spec.pool):
-        yield from core.ensure_groups((spec.pool,))
     (reply,) = yield Send(spec.pool, (command,))
     if core.observer is not None:
         core.observer.published(spec.pool, spec.name, 1)
@@ -114,7 +112,6 @@ class BatchBuffer:
         per_pool: dict[str, list[Command]] = {}
         for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
-        yield from self._core.ensure_groups(per_pool)
         sends = [Send(pool, commands) for pool, commands in per_pool.items()]
         results = yield Parallel(sends)
         replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}

@@ -5,6 +5,9 @@ parallel): the first fetches the stream, group and consumer figures and the serv
 clock; the second asks which consumers hold their lease (lease keys live in other
 hash slots than the streams), and counts the lag of groups whose lag the server
 cannot tell (after deletions in the middle of a stream).
+
+Statistics only read: a stream or group that does not exist yet (no consumer of the
+group ran) is shown as such, with every event of the stream as its lag.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ class ConsumerStats:
 
 @dataclass(frozen=True)
 class GroupStats:
-    """One group on one stream. Ages are seconds, None when there is nothing to age."""
+    """One group on one stream. Ages are seconds, None when there is nothing to age.
+
+    ``created`` is False while the group does not exist on the server yet (none of
+    its consumers ran): then every event of the stream is its lag.
+    """
 
     group: str
     lag: int
@@ -51,6 +58,7 @@ class GroupStats:
     lowest_pending_age: float | None
     dead_letters: int
     consumers: tuple[ConsumerStats, ...]
+    created: bool = True
     #: The age of the oldest event of the stream the group has not read (None: none).
     oldest_unread_age: float | None = None
 
@@ -119,14 +127,20 @@ def _first_round(spec: StreamSpec) -> _Plan:
             ("XPENDING", key, group),
             ("XINFO", "CONSUMERS", key, group),
             ("XINFO", "GROUPS", replay_key(spec, group)),
+            ("XLEN", replay_key(spec, group)),
             ("XLEN", dead_letter_key(spec, group)),
         ]
     return _Plan(spec.name, key, spec.pool, spec.groups, commands)
 
 
-def _check(pool: str, stream: str, reply: Any) -> Any:
+def _check(pool: str, stream: str, reply: Any, missing: Any = None) -> Any:
+    """``reply``, or ``missing`` when it says that the key or group does not exist
+    (only if ``missing`` is given); raises for any other error."""
     if isinstance(reply, ReplyError):
-        raise reply.error(pool, f"cannot read the statistics of stream {stream!r}")
+        absent = reply.message.startswith("NOGROUP") or reply.message.endswith("no such key")
+        if missing is None or reply.denied or not absent:
+            raise reply.error(pool, f"cannot read the statistics of stream {stream!r}")
+        return missing
     return reply
 
 
@@ -139,25 +153,33 @@ class _Draft:
     lag_known: bool
 
 
-def _draft(group: str, now_ms: int, main: dict[str, Any], replies: list[Any]) -> _Draft:
-    summary, consumers, replay_groups, dead = replies
-    replay = next((t for t in map(_table, replay_groups) if t["name"] == group.encode()), {})
+def _draft(
+    group: str, now_ms: int, length: int, main: dict[str, Any] | None, replies: list[Any]
+) -> _Draft:
+    """A group's figures; ``main`` is its row of ``XINFO GROUPS`` (None: not created)."""
+    summary, consumers, replay_groups, replay_length, dead = replies
+    replay = next((t for t in map(_table, replay_groups) if t["name"] == group.encode()), None)
+    created = main is not None and bool(summary)  # (no summary: it vanished meanwhile)
+    if main is None or not created:  # it will read the whole stream
+        summary, consumers, main = [0, None], [], {"lag": length}
     last = (main.get("last-delivered-id") or b"0-0").decode()
-    lag, replay_lag = main.get("lag"), replay.get("lag")
+    lag = main.get("lag")
     known = isinstance(lag, int)
+    replay_lag = int(replay_length) if replay is None else replay.get("lag")
     lag_now = (lag if isinstance(lag, int) else 0) + (
         replay_lag if isinstance(replay_lag, int) else 0
     )
     stats = GroupStats(
         group=group,
         lag=lag_now,
-        pending=int(summary[0]) + int(replay.get("pending", 0)),
+        pending=int(summary[0]) + int((replay or {}).get("pending", 0)),
         last_delivered_id=last,
         last_delivered_age=_age(now_ms, last),
         lowest_pending_id=summary[1].decode() if summary[1] else None,
         lowest_pending_age=_age(now_ms, summary[1]),
         dead_letters=int(dead),
         consumers=(),
+        created=created,
     )
     return _Draft(stats, [_table(row) for row in consumers], known)
 
@@ -170,7 +192,6 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
     """The statistics of ``streams`` (all registered streams when empty), in order."""
     names = list(dict.fromkeys(streams)) or list(core.registry.streams)
     specs = [core.stream(name) for name in names]
-    yield from core.ensure_groups(spec.pool for spec in specs)
     plans = [_first_round(spec) for spec in specs]
     prefix = core.registry.key_prefix
     replies = yield from _run(plans)
@@ -179,15 +200,17 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
     second: list[_Plan] = []
     now_of: dict[str, int] = {}
     for plan, raw in zip(plans, replies, strict=True):
-        reply = [_check(plan.pool, plan.stream, r) for r in raw]
+        # A missing stream, or a group not created yet, reads as empty.
+        reply = [_check(plan.pool, plan.stream, r, missing=[]) for r in raw]
         seconds, micros = (int(x) for x in reply[0])
         now_ms = seconds * 1000 + micros // 1000
         now_of[plan.stream] = now_ms
         info = _table(reply[1])
         first_entry = info.get("first-entry")
+        length = int(info.get("length", 0))
         on_server = {_name((row := _table(flat))["name"]): row for flat in reply[2]}
         groups = [
-            _draft(group, now_ms, on_server.get(group, {}), reply[3 + 4 * i : 7 + 4 * i])
+            _draft(group, now_ms, length, on_server.get(group), reply[3 + 5 * i : 8 + 5 * i])
             for i, group in enumerate(plan.groups)
         ]
         follow_up: list[Command] = []
@@ -204,8 +227,8 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
         stream = StreamStats(
             stream=plan.stream,
             pool=plan.pool,
-            length=int(info["length"]),
-            last_id=info["last-generated-id"].decode(),
+            length=length,
+            last_id=info.get("last-generated-id", b"0-0").decode(),
             oldest_event_age=_age(now_ms, first_entry[0] if first_entry else None),
             groups=(),
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
