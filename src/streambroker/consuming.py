@@ -363,6 +363,7 @@ class ConsumerCore:
         token = self._token = self._token or uuid.uuid4().hex
         self._lease_lost = False
         ttl = int(self.options.lease * 1000)
+        sent_at = time.monotonic()
         (reply,) = yield single(
             self._lease_pool, *acquire_command(self._prefix, self.group, self.name, token, ttl)
         )
@@ -375,7 +376,7 @@ class ConsumerCore:
                 f"process (its lease expires in {-int(reply) / 1000:.1f} s unless renewed)",
             )
         self._leased = True
-        self._renewed_at = time.monotonic()
+        self._renewed_at = sent_at
         self._renew_at = time.monotonic() + self.options.lease / 3
         self._own = dict.fromkeys(self._sources, "-")
         self._retries.clear()  # re-reading the pending events covers them
@@ -661,7 +662,7 @@ class ConsumerCore:
                 source = self._sources[key]
                 removed = removed_count(source.pool, source.stream, reply)
                 self.core.observer.collected(source.pool, source.stream, removed)
-        elif kind == "renew" and not self._renewed(reply):
+        elif kind == "renew" and not self._renewed(reply, read_at):
             raise LeaseLostError(
                 self.group,
                 self.name,
@@ -670,12 +671,17 @@ class ConsumerCore:
                 "name; stopping without acknowledging anything more",
             )
 
-    def _renewed(self, reply: Any) -> bool:
-        """Take in a lease renewal's reply; False when another process took the name."""
+    def _renewed(self, reply: Any, sent_at: float) -> bool:
+        """Take in the reply of a lease renewal sent at ``sent_at``; False when another
+        process took the name.
+
+        The lease was set a little after the previous renewal was sent: timing from the
+        sending (not the reply) tells a lease that expired from one the server lost.
+        """
         if reply == 0:
             self._lease_lost = True
             return False
-        now = time.monotonic()
+        now = sent_at
         if reply != LEASE_RETAKEN:
             self._loss_reported = False
         elif now - self._renewed_at < self.options.lease:
@@ -887,6 +893,7 @@ class ConsumerCore:
                 )
             if commands:
                 sends.append(Send(pool, commands))
+        sent_at = time.monotonic()
         results = yield Parallel(sends)
         for send, replies in zip(sends, results, strict=True):
             touches = replies[:-1] if send.pool == self._lease_pool else replies
@@ -894,7 +901,7 @@ class ConsumerCore:
                 for event_id in lost:
                     self._lost.add((str(command[3]), event_id.decode()))
             if send.pool == self._lease_pool:
-                self._renewed(replies[-1])
+                self._renewed(replies[-1], sent_at)
         self._renew_at = time.monotonic() + self.options.lease / 3
 
     def _flush(self, final: bool = True, mark: tuple[str, str, Command] | None = None) -> Op[Any]:
