@@ -65,6 +65,7 @@ OPERATOR = (
     "+xread",
     "+xrange",
     "+xrevrange",
+    "+memory|usage",
 )
 
 ROLES = ("publisher", "consumer", "operator")

@@ -525,3 +525,29 @@ def test_the_sync_and_async_workers_log_the_same_lines(
 
 async def _handle_async(events: list[sb.Event]) -> None:
     del events
+
+
+def test_the_worker_warns_of_groups_holding_its_streams_back(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambroker")
+    config = seed_registry(f"{server.address}:0", f"{server.address}:3")
+    with config.broker() as broker:
+        broker.publish("stream-a", 1)
+        broker.handler("read-group-a", **FAST)(_handle)
+        worker = Worker(broker, summary_interval=0.05)
+        thread = threading.Thread(target=worker.run, kwargs={"handle_signals": False})
+        thread.start()
+        try:
+            wait_for(
+                lambda: any(
+                    "consumer group read-group-ab holds back 1 event of stream stream-a"
+                    in record.getMessage()
+                    for record in caplog.records
+                ),
+                30,
+                "the warning",
+            )
+        finally:
+            worker.stop()
+            thread.join(30)

@@ -134,6 +134,7 @@ class Job:
 
     def run(self) -> None:
         broker, admin = self.broker, self.admin
+        admin.xgroup_create("stream-a", "read-group-a", id="0", mkstream=True)  # for "dead"
         for n in range(10):
             broker.publish("stream-a", n)
         self.between()

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 import streambroker as sb
+from streambroker.stats import holding_back_warning
 
 from .conftest import Server, wait_for
 from .test_gc import fail_after_acking
@@ -124,3 +125,29 @@ def test_replayed_events_count_in_lag(broker: sb.Broker) -> None:
     assert broker.replay_dead_letters("stream-c", "read-group-c") == 1
     group = broker.group_stats("stream-c", "read-group-c")
     assert (group.lag, group.dead_letters) == (1, 0)
+
+
+def test_a_group_with_no_consumer_running_is_said_to_hold_its_stream_back(
+    broker: sb.Broker,
+) -> None:
+    for n in range(3):
+        broker.publish("stream-a", n)
+    # read-group-a consumes and stops (its lease is released: it does not run any more);
+    # read-group-ab never ran.
+    broker.consumer("read-group-a", "gone").consume(lambda events: None, block=False)
+    broker.publish("stream-a", 3)
+    stream = broker.stream_stats("stream-a")
+    held = {group.group: group for group in stream.held_back_by}
+    assert sorted(held) == ["read-group-a", "read-group-ab"]
+    assert (held["read-group-a"].held_back, held["read-group-ab"].held_back) == (1, 4)
+    assert stream.memory is not None
+    assert stream.memory > 0
+    warning = holding_back_warning(stream, held["read-group-ab"])
+    assert warning.startswith(
+        "consumer group read-group-ab holds back 4 events of stream stream-a, the oldest "
+    )
+    assert "none of its consumers runs" in warning
+    # A stream nobody holds back costs no MEMORY USAGE round trip, and says None.
+    other = broker.stream_stats("stream-c")
+    assert other.held_back_by == ()
+    assert other.memory is None

@@ -53,7 +53,7 @@ from .errors import (
 )
 from .events import Event
 from .runner import AsyncWorker, Worker, default_name_prefix, load_app
-from .stats import StreamStats
+from .stats import StreamStats, holding_back_warning
 
 __all__ = [
     "app",
@@ -427,6 +427,15 @@ def stats_rates(
     return rates
 
 
+def _warnings(streams: Sequence[StreamStats]) -> list[Text]:
+    """A line for each group that holds a stream back with no consumer running."""
+    return [
+        Text(_safe(f"warning: {holding_back_warning(stream, group)}"), style="bold yellow")
+        for stream in streams
+        for group in stream.held_back_by
+    ]
+
+
 def _stats_json(streams: Sequence[StreamStats]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(stream) for stream in streams]
 
@@ -497,11 +506,14 @@ def stats(
                     f"{datetime.now():%H:%M:%S}, every {interval:g} s; per s: events published "
                     "(streams) and acknowledged (groups) per second since the previous refresh"
                 )
-                return RichGroup(header, stats_table(figures, rates=rates))
+                return RichGroup(header, stats_table(figures, rates=rates), *_warnings(figures))
 
             _watch_table(render, interval, iterations)
         else:
-            _console().print(stats_table(broker.stats(*names)))
+            figures = broker.stats(*names)
+            _console().print(stats_table(figures))
+            for warning in _warnings(figures):
+                _console().print(warning)
 
 
 # -- publish --------------------------------------------------------------------------

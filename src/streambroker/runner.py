@@ -48,6 +48,7 @@ from .broker import Broker, Consumer, Handler
 from .core import HandlerSpec
 from .errors import BrokerError, InvalidArgumentError, PoolAuthenticationError
 from .events import Event
+from .stats import StreamStats, holding_back_warning
 
 __all__ = [
     "AsyncWorker",
@@ -227,6 +228,23 @@ def _log_summary(interval: float, last: dict[str, int], now: dict[str, int]) -> 
     return now
 
 
+def _watched(broker: Broker | AsyncBroker, slots: Sequence[_Slot[Any]]) -> list[str]:
+    """The streams of the groups a worker runs, whose other groups it keeps an eye on."""
+    groups = dict.fromkeys(slot.plan.group for slot in slots)
+    return list(dict.fromkeys(s for g in groups for s in broker.registry.groups[g]))
+
+
+def _warn_held_back(figures: Sequence[StreamStats] | BrokerError) -> None:
+    """With each summary: warn of the groups that hold the worker's streams back with no
+    consumer running (their events stay, and so does everything after them)."""
+    if isinstance(figures, BrokerError):
+        log.debug("could not read the statistics of the worker's streams: %s", figures)
+        return
+    for stream in figures:
+        for group in stream.held_back_by:
+            log.warning("%s", holding_back_warning(stream, group))
+
+
 def _log_stopped(totals: dict[str, int]) -> dict[str, int]:
     log.info(
         "worker stopped; handled %s: %s", counted(sum(totals.values()), "event"), _summary(totals)
@@ -305,6 +323,8 @@ class Worker:
             self._slots.append(_Slot(plan, consumer))
         self.summary_interval = interval
         self._per_group = consumers
+        self._broker = broker
+        self._watched = _watched(broker, self._slots)
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = threading.Event()
         self._started = False
@@ -409,6 +429,10 @@ class Worker:
                     break
                 if time.monotonic() >= summary_at:
                     last = _log_summary(self.summary_interval, last, self.counts.snapshot())
+                    try:
+                        _warn_held_back(self._broker.stats(*self._watched))
+                    except BrokerError as exc:
+                        _warn_held_back(exc)
                     summary_at += self.summary_interval
                 self._stopping.wait(min(_SIGNAL_POLL, max(0.0, summary_at - time.monotonic())))
             self.join()
@@ -579,6 +603,8 @@ class AsyncWorker:
         ]
         self.summary_interval = _positive_interval(summary_interval)
         self._per_group = consumers
+        self._broker = broker
+        self._watched = _watched(broker, self._slots)
         self.counts = HandledCounts(dict.fromkeys(plan.group for plan in plans))
         self._stopping = asyncio.Event()
         self._error: PoolAuthenticationError | None = None
@@ -649,6 +675,10 @@ class AsyncWorker:
                 if self._stopping.is_set():
                     break
                 last = _log_summary(self.summary_interval, last, self.counts.snapshot())
+                try:
+                    _warn_held_back(await self._broker.stats(*self._watched))
+                except BrokerError as exc:
+                    _warn_held_back(exc)
             await asyncio.gather(*tasks)
         finally:
             for sig in signals:

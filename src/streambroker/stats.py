@@ -62,6 +62,18 @@ class GroupStats:
     #: The age of the oldest event of the stream the group has not read (None: none).
     oldest_unread_age: float | None = None
 
+    @property
+    def holding_back(self) -> bool:
+        """Whether the group keeps events in its stream with no consumer running: it has
+        events to read or to acknowledge, and none of its consumers holds its lease.
+        (Those events stay until one runs: the stream cannot be collected past them.)"""
+        return bool(self.lag or self.pending) and not any(c.alive for c in self.consumers)
+
+    @property
+    def held_back(self) -> int:
+        """How many events of the stream the group holds back (unread and pending)."""
+        return self.lag + self.pending
+
 
 @dataclass(frozen=True)
 class StreamStats:
@@ -82,6 +94,27 @@ class StreamStats:
     orphan_groups: tuple[str, ...]
     #: Events ever added to the stream (None from servers older than Redis 7).
     entries_added: int | None = None
+    #: Bytes the stream takes on the server (``MEMORY USAGE``), read only when one of
+    #: its groups is :attr:`~GroupStats.holding_back` it; None otherwise.
+    memory: int | None = None
+
+    @property
+    def held_back_by(self) -> tuple[GroupStats, ...]:
+        """The groups that hold events of this stream back with no consumer running."""
+        return tuple(group for group in self.groups if group.holding_back)
+
+
+def holding_back_warning(stream: StreamStats, group: GroupStats) -> str:
+    """The warning that ``group`` holds events of ``stream`` back with no consumer running."""
+    ages = [age for age in (group.oldest_unread_age, group.lowest_pending_age) if age is not None]
+    oldest = f", the oldest {max(ages):.0f} s old" if ages else ""
+    memory = f"; the stream takes {stream.memory / 1048576:.1f} MiB" if stream.memory else ""
+    events = f"{group.held_back} event{'' if group.held_back == 1 else 's'}"
+    return (
+        f"consumer group {group.group} holds back {events} of stream {stream.stream}"
+        f"{oldest}{memory}: none of its consumers runs, and the stream keeps them (and every "
+        "later event) until one does"
+    )
 
 
 def _name(raw: bytes) -> str:
@@ -259,6 +292,21 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
                 replace(draft.stats, lag=lag, consumers=consumers, oldest_unread_age=oldest_unread)
             )
         result.append(replace(stream, groups=tuple(finished)))
+    held = [
+        (i, plan)
+        for i, (plan, stream) in enumerate(zip(plans, result, strict=True))
+        if stream.held_back_by
+    ]
+    if held:  # rare: only then is the memory they keep worth a round trip
+        memory = yield from _run(
+            [
+                _Plan(p.stream, p.key, p.pool, p.groups, [("MEMORY", "USAGE", p.key)])
+                for _, p in held
+            ]
+        )
+        for (i, plan), (usage,) in zip(held, memory, strict=True):
+            usage = _check(plan.pool, plan.stream, usage)
+            result[i] = replace(result[i], memory=None if usage is None else int(usage))
     return result
 
 
