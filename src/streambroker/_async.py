@@ -14,7 +14,7 @@ import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, async_client
+from .connection import ConnectionOptions, async_client, reply_budget
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -143,8 +143,10 @@ class AsyncDriver:
         with fx.translated(send.pool):
             pool = (await self.client(send.pool)).connection_pool
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            budget = reply_budget(connection)
             try:
                 await connection.send_packed_command(fx.pack(send.commands))
+                budget.start(send)
                 replies: list[Any] = []
                 for _ in send.commands:
                     try:
@@ -155,6 +157,7 @@ class AsyncDriver:
                 await connection.disconnect(nowait=True)
                 raise
             finally:
+                budget.stop()
                 await pool.release(connection)
             return fx.settle(send, replies)
 

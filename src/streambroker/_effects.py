@@ -49,11 +49,14 @@ class Send:
 
     Replies are raw RESP2 values (bytes, ints, lists, None). With ``allow_errors`` an
     error reply comes back as a :class:`ReplyError` in its place; without, it raises.
+    With a ``budget`` (bytes; 0: none), replies larger than that raise
+    :class:`ReplyTooLargeError` (see :mod:`~streambroker.sizes`) without being read whole.
     """
 
     pool: str
     commands: Sequence[Command]
     allow_errors: bool = False
+    budget: int = 0
 
 
 @dataclass(slots=True)
@@ -84,6 +87,15 @@ class Sleep:
 
 
 Effect = Send | Parallel | Handle | Sleep
+
+
+class ReplyTooLargeError(PoolError):
+    """The replies of a :class:`Send` went over its budget: the I/O layer stopped
+    reading them and dropped the connection. The commands were carried out."""
+
+    def __init__(self, pool: str, budget: int) -> None:
+        self.budget = budget
+        super().__init__(pool, f"the replies of a round trip took more than {budget} bytes")
 
 
 #: A command of a script refused by the ACL makes a plain ``ERR`` reply, not ``NOPERM``:

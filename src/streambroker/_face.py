@@ -55,7 +55,10 @@ class BrokerFace(Generic[DriverT]):
     Options: ``codec`` (``"msgpack"``, the default, or ``"json"``) for the bodies it
     publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
     refused before anything is sent, counting its encoded body and every meta tag's
-    name and value; ``socket_timeout`` and ``connect_timeout`` (seconds).
+    name and value; ``max_entry_size`` (bytes, default 8 MiB, and at least
+    ``max_body_size`` + 64) above which an entry is never read: a consumer sets it
+    aside as a dead letter, unread, and ``read()`` raises :class:`EntryTooLargeError`
+    at it; ``socket_timeout`` and ``connect_timeout`` (seconds).
     """
 
     def __init__(
@@ -64,10 +67,13 @@ class BrokerFace(Generic[DriverT]):
         *,
         codec: str = "msgpack",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_entry_size: int | None = None,
         socket_timeout: float = 10.0,
         connect_timeout: float = 5.0,
     ) -> None:
-        self._core = BrokerCore(registry, codec=codec, max_body_size=max_body_size)
+        self._core = BrokerCore(
+            registry, codec=codec, max_body_size=max_body_size, max_entry_size=max_entry_size
+        )
         self._connection = ConnectionOptions(socket_timeout, connect_timeout)
         self._driver: DriverT = self._make_driver(registry, self._connection)
 

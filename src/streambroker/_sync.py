@@ -12,7 +12,7 @@ import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, sync_client
+from .connection import ConnectionOptions, reply_budget, sync_client
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -139,8 +139,10 @@ class SyncDriver:
         with fx.translated(send.pool):
             pool = self.client(send.pool).connection_pool
             connection = pool.get_connection()
+            budget = reply_budget(connection)
             try:
                 connection.send_packed_command(fx.pack(send.commands))  # type: ignore[no-untyped-call]
+                budget.start(send)
                 replies: list[Any] = []
                 for _ in send.commands:
                     try:
@@ -151,6 +153,7 @@ class SyncDriver:
                 connection.disconnect()  # type: ignore[no-untyped-call]
                 raise
             finally:
+                budget.stop()
                 pool.release(connection)
             return fx.settle(send, replies)
 

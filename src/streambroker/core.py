@@ -20,6 +20,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .keys import replay_key
+from .sizes import DEFAULT_MAX_ENTRY_SIZE, RESERVED_SIZE
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
 
@@ -44,6 +45,7 @@ class BrokerCore:
         registry: ValidatedRegistry,
         codec: str = "msgpack",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_entry_size: int | None = None,
     ) -> None:
         if not isinstance(registry, ValidatedRegistry):
             raise InvalidArgumentError(
@@ -57,9 +59,24 @@ class BrokerCore:
             raise InvalidArgumentError(
                 f"max_body_size must be a positive number of bytes, got {max_body_size!r}"
             )
+        if max_entry_size is None:
+            max_entry_size = max(DEFAULT_MAX_ENTRY_SIZE, max_body_size)
+        elif (
+            isinstance(max_entry_size, bool)
+            or not isinstance(max_entry_size, int)
+            or max_entry_size < max_body_size
+        ):
+            raise InvalidArgumentError(
+                f"max_entry_size must be a number of bytes of at least max_body_size "
+                f"({max_body_size}), got {max_entry_size!r}"
+            )
         self.registry = registry
         self.codec: Codec = get_codec(codec)
         self.max_body_size = max_body_size
+        self.max_entry_size = max_entry_size
+        #: The largest entry read (:mod:`~streambroker.sizes`): the limit, and room for
+        #: the reserved fields of an event of ``max_body_size``.
+        self.entry_limit = max_entry_size + RESERVED_SIZE
         self._ready_pools: set[str] = set()
         self.handlers: list[HandlerSpec] = []
 
