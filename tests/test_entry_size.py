@@ -9,6 +9,7 @@ entries a few MiB: over a read's budget (a few entries of the limit), or under i
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -165,6 +166,27 @@ def test_several_huge_entries_of_one_batch_become_dead_letters(
     (letter, *_) = broker.dead_letters("s", "g", limit=1)  # kept whole, for a replay
     assert (letter.event.id, letter.event.raw_body) == (huge[0], b"x" * (6 << 20))
     assert letter.error == reason((6 << 20) + len("$body$codecmsgpack")).decode()
+    assert_drained(server)
+
+
+def test_a_batch_of_big_entries_under_the_limit_is_split_not_refused(
+    server: Server, open_broker: OpenBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streambroker")
+    broker = open_broker(registry(server), max_entry_size=LIMIT)
+    ids = [broker.publish("s", b"x" * (900 << 10)) for _ in range(30)]
+    handled: list[str] = []
+
+    count = broker.consumer("g").consume(
+        lambda events: handled.extend(e.id for e in events), count=10, block=False
+    )
+
+    assert (count, handled) == (30, ids)
+    # Once: the consumer then reads as many as a budget has room for.
+    overflows = [r for r in caplog.records if "took more than its budget" in r.getMessage()]
+    assert len(overflows) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert dead_letters(server) == {}
     assert_drained(server)
 
 

@@ -224,6 +224,10 @@ class ConsumerCore:
         # then re-read in pieces a budget has room for.
         self._oversized = False
         self._pieces = False
+        # After a read of legitimate entries went over its budget: how many new events
+        # to read per stream, from the size of those read since (None: ``count``).
+        self._read_cap: int | None = None
+        self._read_size = [0, 0]  # bytes and entries the last read brought
         self._lost: set[tuple[str, str]] = set()
         self._lease_lost = False
         # Whether a loss of this group's data was reported (until the lease is seen again).
@@ -259,11 +263,13 @@ class ConsumerCore:
                     yield from self.core.ensure_groups(self._by_pool)  # at once when lost
                     if not self._leased:
                         yield from self._acquire()
-                    if self._oversized:
-                        yield from self._set_aside_oversized()
+                    if self._oversized and not (yield from self._set_aside_oversized()):
+                        # Big entries, but none too big: fewer are read at a time.
+                        streams = max(len(sources) for sources in self._by_pool.values())
+                        self._read_cap = max(1, BUDGET_ENTRIES // streams)
                     events = yield from self._step(count, block and not self.stopping)
                 except ReplyTooLargeError as exc:
-                    log.warning(
+                    log.info(
                         "consumer %s of group %s: a read from redis pool %r took more than "
                         "its budget of %d bytes; setting aside its pending entries larger than "
                         "max_entry_size (%d bytes) and re-reading the others in smaller pieces",
@@ -525,6 +531,7 @@ class ConsumerCore:
                     command = own_pending_command(key, self.group, self.name, self._own[key], piece)
                     plan.append(("own", key, command))
             new = [source.key for source in sources if source.key not in self._own]
+            reading = min(count, self._read_cap or count)
             if new:
                 head: tuple[Any, ...] = (
                     "XREADGROUP",
@@ -532,16 +539,17 @@ class ConsumerCore:
                     self.group,
                     self.name,
                     "COUNT",
-                    count,
+                    reading,
                 )
                 if wait >= 0.001:
                     head += ("BLOCK", int(wait * 1000))
                 plan.append(("read", "", (*head, "STREAMS", *new, *[">"] * len(new))))
             plans.append(plan)
-            budget = self._budget(plan, count, len(new))
+            budget = self._budget(plan, count, reading * len(new))
             commands = [command for _, _, command in plan]
             sends.append(Send(pool, commands, allow_errors=True, budget=budget))
         read_at = time.monotonic()
+        self._read_size = [0, 0]
         results = yield Parallel(sends)
         self._sent(sends, plans, results)
         for key, ids in due.items():
@@ -559,6 +567,14 @@ class ConsumerCore:
                 self._reply(kind, key, reply, count, read_at, events)
         if not self._own:
             self._pieces = False
+        size, entries = self._read_size
+        if self._read_cap is not None and entries:
+            # As many as a budget has room for, at the size these had.
+            room = read_budget(BUDGET_ENTRIES, self.core.entry_limit) // (size // entries + 1)
+            streams = max(len(sources) for sources in self._by_pool.values())
+            self._read_cap = max(1, room // streams)
+            if self._read_cap >= count:
+                self._read_cap = None
         return self._screen(events)
 
     def _sent(
@@ -605,6 +621,8 @@ class ConsumerCore:
                 source = self._sources[raw_key.decode()]
                 for raw_id, fields in entries:
                     size = entry_size(fields)
+                    self._read_size[0] += size
+                    self._read_size[1] += 1
                     if size > limit:
                         self._set_aside(source.key, raw_id.decode(), size, 1)
                         continue
@@ -736,10 +754,12 @@ class ConsumerCore:
         )
         self._outgoing[source.pool].dead.append((event.key, command))
 
-    def _set_aside_oversized(self) -> Op[None]:
+    def _set_aside_oversized(self) -> Op[int]:
         """Measure this consumer's pending entries on the server; those larger than
-        ``max_entry_size`` go to the dead letters (with the next round trip), unread."""
+        ``max_entry_size`` go to the dead letters (with the next round trip), unread.
+        Returns how many."""
         limit = self.core.entry_limit
+        found = 0
         for pool, sources in self._by_pool.items():
             cursors = {source.key: "-" for source in sources}
             while cursors:
@@ -749,14 +769,16 @@ class ConsumerCore:
                     for key in keys
                 ]
                 replies = yield Send(pool, commands)
-                for key, (found, cursor) in zip(keys, replies, strict=True):
-                    for raw_id, size, deliveries in found:
+                for key, (oversized, cursor) in zip(keys, replies, strict=True):
+                    found += len(oversized)
+                    for raw_id, size, deliveries in oversized:
                         self._set_aside(key, raw_id.decode(), int(size), int(deliveries))
                     if cursor:
                         cursors[key] = cursor.decode()
                     else:
                         del cursors[key]
         self._oversized = False
+        return found
 
     def _set_aside(self, key: str, event_id: str, size: int, deliveries: int) -> None:
         """Move the pending entry ``event_id``, larger than ``max_entry_size``, to the dead
@@ -785,12 +807,13 @@ class ConsumerCore:
 
     def _budget(self, plan: list[tuple[str, str, Command]], count: int, reading: int) -> int:
         """The bytes the replies of ``plan`` may take (see :mod:`~streambroker.sizes`):
-        room for the entries it may read, up to a budget's, and what each reply adds."""
+        room for the entries it may read (``reading`` new ones), up to a budget's, and
+        what each reply adds."""
         entries = 0
         slack = 0
         for kind, _, command in plan:
             if kind == "read":
-                entries += count * reading
+                entries += reading
             elif kind in ("own", "reclaim"):
                 entries += min(count, MAX_SCRIPT_BATCH)
             elif kind == "retry":
