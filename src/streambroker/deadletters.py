@@ -19,12 +19,14 @@ the dead letter (or, when another replay took it first, the copy).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ._effects import Command, Op, Send, single
 from .core import BrokerCore
 from .errors import DecodeError, ServerReplyError
 from .events import Event
 from .keys import dead_letter_key, replay_key
+from .sizes import dead_letters_page_command, read_budget
 
 __all__ = [
     "MAX_COPIED_FIELDS",
@@ -191,11 +193,23 @@ def _text(dead: dict[bytes, bytes], name: bytes) -> str:
 def list_dead_letters(
     core: BrokerCore, stream: str, group: str, limit: int = 1000
 ) -> Op[list[DeadLetter]]:
-    """The oldest ``limit`` dead letters of ``group`` from ``stream``."""
+    """The oldest ``limit`` dead letters of ``group`` from ``stream``.
+
+    A dead letter larger than ``max_entry_size`` is listed without the event's fields
+    (its error says why it is a dead letter); it stays whole on the server.
+    """
     pool = core.stream_group(stream, group).pool
-    (entries,) = yield Send(
-        pool, [("XRANGE", dead_letter_key(stream, group), "-", "+", "COUNT", limit)]
-    )
+    key = dead_letter_key(stream, group)
+    entries: list[Any] = []
+    start, more = "-", True
+    while more and len(entries) < limit:
+        count = limit - len(entries)
+        page = dead_letters_page_command(key, start, count, core.entry_limit)
+        (reply,) = yield Send(pool, [page], budget=read_budget(count, core.entry_limit))
+        found, more = reply
+        entries += found
+        if found:
+            start = "(" + found[-1][0].decode()
     letters = []
     for raw_id, fields in entries:
         letter_id = raw_id.decode()

@@ -30,6 +30,7 @@ __all__ = [
     "BUDGET_ENTRIES",
     "DEFAULT_MAX_ENTRY_SIZE",
     "RESERVED_SIZE",
+    "dead_letters_page_command",
     "entry_size",
     "oversized_pending_command",
     "range_sizes_command",
@@ -101,6 +102,37 @@ return sizes
 """
 )
 
+# Up to ARGV[2] dead letters from ARGV[1] on ("-" or "(id"), as many as ARGV[4] bytes
+# hold (one at least): {entries, more}. A letter larger than ARGV[3] bytes comes with
+# its own $dead:* fields only (why it is a dead letter), not the event's.
+_DEAD_LETTERS_PAGE = (
+    _ENTRY_SIZE
+    + """
+local limit, room = tonumber(ARGV[3]), tonumber(ARGV[4])
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local out, total = {}, 0
+for _, entry in ipairs(entries) do
+  local size = entry_size(entry[2])
+  if size > limit then
+    local kept = {}
+    for i = 1, #entry[2], 2 do
+      local name = entry[2][i]
+      if string.sub(name, 1, 6) == '$dead:' and name ~= '$dead:fields' then
+        table.insert(kept, name); table.insert(kept, entry[2][i + 1])
+      end
+    end
+    if entry_size(kept) > limit then kept = {} end
+    entry = {entry[1], kept}
+    size = entry_size(kept)
+  end
+  if #out > 0 and total + size > room then return {out, 1} end
+  total = total + size
+  table.insert(out, entry)
+end
+return {out, #entries == tonumber(ARGV[2]) and 1 or 0}
+"""
+)
+
 
 def entry_size(fields: Sequence[bytes]) -> int:
     """The size of an entry of the flat field/value list ``fields``, as the limit counts it."""
@@ -147,3 +179,11 @@ def range_sizes_command(key: str, start: str, count: int) -> Command:
     """Measure up to ``count`` entries of ``key`` from ``start`` (``(id``: after it) on
     the server; the reply lists ``[id, size]`` for each."""
     return ("EVAL", _RANGE_SIZES, 1, key, start, count)
+
+
+def dead_letters_page_command(key: str, start: str, count: int, limit: int) -> Command:
+    """Up to ``count`` dead letters of the stream ``key`` from ``start`` (``(id``: after
+    it), as many as a read's budget has room for; one over ``limit`` comes with its
+    ``$dead:*`` fields only. The reply is ``[entries, more]``."""
+    room = BUDGET_ENTRIES * limit
+    return ("EVAL", _DEAD_LETTERS_PAGE, 1, key, start, count, limit, room)
