@@ -50,13 +50,15 @@ class Send:
     Replies are raw RESP2 values (bytes, ints, lists, None). With ``allow_errors`` an
     error reply comes back as a :class:`ReplyError` in its place; without, it raises.
     With a ``budget`` (bytes; 0: none), replies larger than that raise
-    :class:`ReplyTooLargeError` (see :mod:`~streambroker.sizes`) without being read whole.
+    :class:`ReplyTooLargeError` (see :mod:`~streambroker.sizes`) without being read whole;
+    the I/O layer then sets ``received`` to the bytes the replies took.
     """
 
     pool: str
     commands: Sequence[Command]
     allow_errors: bool = False
     budget: int = 0
+    received: int = 0
 
 
 @dataclass(slots=True)

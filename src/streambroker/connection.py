@@ -78,8 +78,11 @@ class ReplyBudget:
         self.left = send.budget
 
     def stop(self) -> None:
-        """Stop counting (the round trip is over)."""
-        self.send = None
+        """Stop counting (the round trip is over): the send's ``received`` tells how much
+        its replies took."""
+        if self.send is not None:
+            self.send.received = self.send.budget - self.left
+            self.send = None
 
     def spend(self, size: int) -> None:
         """Count ``size`` bytes that arrived; past the budget, raise before they are kept."""
@@ -102,6 +105,12 @@ class _CountingReader:
     def feed(self, data: Any, offset: int = 0, length: int = -1) -> None:
         self._budget.spend(len(data) - offset if length < 0 else length)
         self._reader.feed(data, offset, length)
+
+    def gets(self, *args: Any) -> Any:
+        return self._reader.gets(*args)
+
+    def has_data(self) -> bool:
+        return bool(self._reader.has_data())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)

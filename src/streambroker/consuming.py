@@ -227,7 +227,6 @@ class ConsumerCore:
         # After a read of legitimate entries went over its budget: how many new events
         # to read per stream, from the size of those read since (None: ``count``).
         self._read_cap: int | None = None
-        self._read_size = [0, 0]  # bytes and entries the last read brought
         self._lost: set[tuple[str, str]] = set()
         self._lease_lost = False
         # Whether a loss of this group's data was reported (until the lease is seen again).
@@ -549,7 +548,6 @@ class ConsumerCore:
             commands = [command for _, _, command in plan]
             sends.append(Send(pool, commands, allow_errors=True, budget=budget))
         read_at = time.monotonic()
-        self._read_size = [0, 0]
         results = yield Parallel(sends)
         self._sent(sends, plans, results)
         for key, ids in due.items():
@@ -562,15 +560,17 @@ class ConsumerCore:
         if renew:
             self._renew_at = now + self.options.lease / 3
         events: list[Event] = []
-        for plan, replies in zip(plans, results, strict=True):
+        for send, plan, replies in zip(sends, plans, results, strict=True):
+            # Replies smaller than the limit cannot hold an entry over it.
+            measure = send.received > self.core.entry_limit
             for (kind, key, _), reply in zip(plan, replies, strict=True):
-                self._reply(kind, key, reply, count, read_at, events)
+                self._reply(kind, key, reply, count, read_at, events, measure)
         if not self._own:
             self._pieces = False
-        size, entries = self._read_size
-        if self._read_cap is not None and entries:
+        if self._read_cap is not None and events:
             # As many as a budget has room for, at the size these had.
-            room = read_budget(BUDGET_ENTRIES, self.core.entry_limit) // (size // entries + 1)
+            size = sum(send.received for send in sends) // len(events) + 1
+            room = read_budget(BUDGET_ENTRIES, self.core.entry_limit) // size
             streams = max(len(sources) for sources in self._by_pool.values())
             self._read_cap = max(1, room // streams)
             if self._read_cap >= count:
@@ -613,17 +613,23 @@ class ConsumerCore:
         self._dead_waiting = bool(waiting)
 
     def _reply(
-        self, kind: str, key: str, reply: Any, count: int, read_at: float, into: list[Event]
+        self,
+        kind: str,
+        key: str,
+        reply: Any,
+        count: int,
+        read_at: float,
+        into: list[Event],
+        measure: bool = False,
     ) -> None:
+        """Take in the reply of a command of kind ``kind``; events go ``into`` the list
+        (with ``measure``, those larger than ``max_entry_size`` are set aside)."""
         limit = self.core.entry_limit
         if kind == "read":
             for raw_key, entries in reply or ():
                 source = self._sources[raw_key.decode()]
                 for raw_id, fields in entries:
-                    size = entry_size(fields)
-                    self._read_size[0] += size
-                    self._read_size[1] += 1
-                    if size > limit:
+                    if measure and (size := entry_size(fields)) > limit:
                         self._set_aside(source.key, raw_id.decode(), size, 1)
                         continue
                     into.append(
@@ -633,8 +639,7 @@ class ConsumerCore:
             entries, counts, gone, cursor, *forgotten = reply
             source = self._sources[key]
             for (raw_id, fields), delivered in zip(entries, counts, strict=True):
-                size = entry_size(fields)
-                if size > limit:
+                if measure and (size := entry_size(fields)) > limit:
                     self._set_aside(key, raw_id.decode(), size, int(delivered))
                     continue
                 event = Event(source.stream, raw_id.decode(), fields, key, int(delivered), read_at)
