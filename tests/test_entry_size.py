@@ -19,7 +19,7 @@ import pytest
 
 import streambroker as sb
 from streambroker.keys import dead_letter_key
-from streambroker.sizes import entry_size
+from streambroker.sizes import entry_size, range_sizes_command
 
 from .conftest import FACES, OpenBroker, Server
 
@@ -140,7 +140,6 @@ def test_a_consumer_sets_a_huge_entry_aside_unread_with_bounded_memory(
     assert result["ids"] == [first, last]  # each once
     # Reading it whole would take twice its size; the budget is a few MiB.
     assert result["growth"] < HUGE // 2, result["growth"]
-    print(f"peak memory growth: {result['growth'] >> 10} KiB")
     assert dead_letters(server) == {huge: reason(HUGE + len("$body$codecmsgpack"))}
     assert f"entry {huge} is" in run.stderr
     assert_drained(server)
@@ -314,3 +313,20 @@ def test_entry_size_counts_bytes_and_charges_fields_beyond_an_events() -> None:
     assert entry_size([b"$body", b"xyz", b"$codec", b"json"]) == 18
     assert entry_size([b"k", b"v"] * 1002) == 2004
     assert entry_size([b"k", b"v"] * 1010) == 2020 + 8 * 16
+
+
+def test_the_server_measures_entries_as_the_client_does(server: Server) -> None:
+    client = server.client()
+    entries = [
+        {"$body": b"x" * 1000, "$codec": b"msgpack"},
+        {f"k{i}": "v" for i in range(5000)},  # many tiny fields: charged for beyond 1,002
+        {"": b""},
+    ]
+    ids = [client.xadd("s", entry) for entry in entries]
+
+    sizes = client.execute_command(*range_sizes_command("s", "-", 10))
+
+    flat = [[word for pair in entry.items() for word in pair] for entry in entries]
+    expected = [entry_size([w if isinstance(w, bytes) else w.encode() for w in f]) for f in flat]
+    assert sizes == [[event_id, size] for event_id, size in zip(ids, expected, strict=True)]
+    assert expected[1] == sum(len(f"k{i}") + 1 for i in range(5000)) + (5000 - 1002) * 16

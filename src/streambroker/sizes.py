@@ -11,8 +11,11 @@ reads one larger than its ``max_entry_size`` into memory:
   entries is split over several reads rather than refused.
 - What went over is found on the server, by the scripts below, which measure entries
   without sending them: a consumer sets its own pending entries above the limit
-  aside as dead letters (copied by the server), ``read`` stops before such an entry.
-- An entry read whole (the budget held) is measured again by :func:`entry_size`.
+  aside as dead letters (copied by the server), ``read`` stops before such an entry,
+  and dead letters are listed in pages a budget holds, one above the limit without
+  the event's fields.
+- An entry read whole (the budget held) is measured again by :func:`entry_size`
+  when the replies took more bytes than one entry may.
 
 An entry's size is the bytes of its field names and values, plus
 :data:`FIELD_CHARGE` bytes for each field beyond the :data:`FREE_FIELDS` any event
