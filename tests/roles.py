@@ -17,8 +17,9 @@ __all__ = ["ROLES", "role_rules", "setuser_line"]
 
 #: Every connection names itself (``CLIENT SETNAME``) and selects its pool's database.
 CONNECTING = ("+client|setname", "+select")
-#: Scripts are sent as EVAL, or as EVALSHA when the server has them already.
-SCRIPTS = ("+eval", "+evalsha")
+#: Scripts are sent as EVAL, or as EVALSHA when the server has them already (which
+#: ``SCRIPT EXISTS`` asks).
+SCRIPTS = ("+eval", "+evalsha", "+script|exists")
 
 #: Publishing: ``XADD`` and nothing else, to the streams only.
 PUBLISHER = ("+xadd",)

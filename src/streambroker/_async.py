@@ -15,7 +15,7 @@ import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, async_client
+from .connection import ConnectionOptions, async_client, reply_budget
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -27,6 +27,7 @@ class AsyncDriver:
     def __init__(self, registry: ValidatedRegistry, options: ConnectionOptions) -> None:
         self._registry = registry
         self.options = options
+        self._scripts = fx.LoadedScripts()
         self._clients: dict[str, redis.asyncio.Redis] = {}
         self._making: dict[str, asyncio.Task[redis.asyncio.Redis]] = {}
 
@@ -142,19 +143,29 @@ class AsyncDriver:
 
     async def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            replies = await self._round_trip(send.pool, send.commands)
+            probe = self._scripts.probe(send)
+            if probe is not None:
+                (known,) = await self._round_trip(fx.Send(send.pool, [probe]), [probe])
+                self._scripts.learn(send.pool, probe, known)
+            commands = self._scripts.commands(send)
+            replies = await self._round_trip(send, commands)
+            self._scripts.ran(send.pool, send, replies)
             again = fx.missing_scripts(send, replies)
             if again:
-                replies = fx.put_back(send, replies, await self._round_trip(send.pool, again))
+                replies = fx.put_back(send, replies, await self._round_trip(send, again))
             return fx.settle(send, replies)
 
-    async def _round_trip(self, name: str, commands: Sequence[fx.Command]) -> list[Any]:
-        """The raw replies to ``commands``, error replies in place."""
+    async def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` (within its budget), error replies
+        in place."""
+        name = send.pool
         pool = (await self.client(name)).connection_pool
         with fx.translated(name, self._registry.pools[name].tls):
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        budget = reply_budget(connection)
         try:
             await connection.send_packed_command(fx.pack(commands))
+            budget.start(send)
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -165,6 +176,7 @@ class AsyncDriver:
             await connection.disconnect(nowait=True)
             raise
         finally:
+            budget.stop()
             await pool.release(connection)
         return replies
 

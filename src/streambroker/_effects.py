@@ -51,11 +51,16 @@ class Send:
 
     Replies are raw RESP2 values (bytes, ints, lists, None). With ``allow_errors`` an
     error reply comes back as a :class:`ReplyError` in its place; without, it raises.
+    With a ``budget`` (bytes; 0: none), replies larger than that raise
+    :class:`ReplyTooLargeError` (see :mod:`~streambroker.sizes`) without being read whole;
+    the I/O layer then sets ``received`` to the bytes the replies took.
     """
 
     pool: str
     commands: Sequence[Command]
     allow_errors: bool = False
+    budget: int = 0
+    received: int = 0
 
 
 @dataclass(slots=True)
@@ -118,6 +123,77 @@ def with_text(command: Command) -> Command:
     return ("EVAL", _SCRIPTS[_text(command[1])].text, *command[2:])
 
 
+class LoadedScripts:
+    """What an I/O layer knows of the scripts each pool's server holds, so that a script
+    the server lacks goes out with its text (``EVAL``) in its own place of the round
+    trip: the commands after it must see what it did (a dead letter's acknowledgement
+    before a re-read of the pending events, say).
+
+    Before the first round trip with scripts to a pool, one ``SCRIPT EXISTS`` asks which
+    of the broker's scripts the server holds; after that, a script is held once it ran.
+    A ``NOSCRIPT`` (the server restarted or flushed its scripts) makes it ask again; that
+    round trip's missing scripts are sent again after it (see :func:`missing_scripts`).
+    Threads may share it: each method reads or changes one dict at a time.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, dict[str, bool]] = {}  # per pool: SHA1 -> held by its server
+        self._unasked: set[str] = set()  # pools whose user may not run SCRIPT EXISTS
+
+    def probe(self, send: Send) -> Command | None:
+        """The ``SCRIPT EXISTS`` to send before ``send``, or None when not needed."""
+        if send.pool in self._unasked:
+            return None
+        held = self._held.get(send.pool)
+        if held is None:
+            return ("SCRIPT", "EXISTS", *_SCRIPTS)
+        unknown = [sha for sha in _shas(send.commands) if sha not in held]
+        return ("SCRIPT", "EXISTS", *unknown) if unknown else None
+
+    def learn(self, pool: str, probe: Command, reply: Any) -> None:
+        """Take in the reply to :meth:`probe`'s command."""
+        if isinstance(reply, BaseException):
+            self._unasked.add(pool)  # EVALSHA and its NOSCRIPT fallback still work
+            return
+        held = self._held.setdefault(pool, {})
+        held.update(
+            (str(sha), bool(is_held)) for sha, is_held in zip(probe[2:], reply, strict=True)
+        )
+
+    def commands(self, send: Send) -> list[Command]:
+        """The commands of ``send``, with the scripts the server lacks as ``EVAL``."""
+        held = self._held.get(send.pool)
+        if held is None:
+            return list(send.commands)
+        return [
+            with_text(command)
+            if _text(command[0]).upper() == "EVALSHA" and not held.get(_text(command[1]), True)
+            else command
+            for command in send.commands
+        ]
+
+    def ran(self, pool: str, send: Send, replies: Sequence[Any]) -> None:
+        """Take in the replies of a round trip of ``send``: its scripts that ran are held
+        by the server now; a ``NOSCRIPT`` means it forgot them (ask again next time)."""
+        if any(isinstance(reply, rex.NoScriptError) for reply in replies):
+            self._held.pop(pool, None)
+            return
+        held = self._held.get(pool)
+        if held is None:
+            return
+        for command, reply in zip(send.commands, replies, strict=True):
+            if not isinstance(reply, BaseException) and _text(command[0]).upper() == "EVALSHA":
+                held[_text(command[1])] = True
+
+
+def _shas(commands: Sequence[Command]) -> list[str]:
+    return [
+        _text(command[1])
+        for command in commands
+        if _text(command[0]).upper() == "EVALSHA" and _text(command[1]) in _SCRIPTS
+    ]
+
+
 def _missing(send: Send, replies: Sequence[Any]) -> list[int]:
     """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``:
     the script did not run. Never within ``MULTI`` … ``EXEC``: sent alone, the script
@@ -156,6 +232,15 @@ def put_back(send: Send, replies: list[Any], again: Sequence[Any]) -> list[Any]:
     for index, reply in zip(_missing(send, replies), again, strict=True):
         replies[index] = reply
     return replies
+
+
+class ReplyTooLargeError(PoolError):
+    """The replies of a :class:`Send` went over its budget: the I/O layer stopped
+    reading them and dropped the connection. The commands were carried out."""
+
+    def __init__(self, pool: str, budget: int) -> None:
+        self.budget = budget
+        super().__init__(pool, f"the replies of a round trip took more than {budget} bytes")
 
 
 #: A command of a script refused by the ACL makes a plain ``ERR`` reply, not ``NOPERM``:

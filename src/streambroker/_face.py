@@ -62,6 +62,7 @@ class BrokerSettings(TypedDict, total=False):
 
     codec: str
     max_body_size: int
+    max_entry_size: int | None
     socket_timeout: float
     connect_timeout: float
 
@@ -72,7 +73,10 @@ class BrokerFace(Generic[DriverT]):
     Options: ``codec`` (``"msgpack"``, the default, or ``"json"``) for the bodies it
     publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
     refused before anything is sent, counting its encoded body and every meta tag's
-    name and value; ``socket_timeout`` and ``connect_timeout`` (seconds).
+    name and value; ``max_entry_size`` (bytes, default 8 MiB, and at least
+    ``max_body_size`` + 64) above which an entry is never read: a consumer sets it
+    aside as a dead letter, unread, and ``read()`` raises :class:`EntryTooLargeError`
+    at it; ``socket_timeout`` and ``connect_timeout`` (seconds).
     """
 
     def __init__(self, registry: ValidatedRegistry, **options: Unpack[BrokerSettings]) -> None:
@@ -86,6 +90,7 @@ class BrokerFace(Generic[DriverT]):
             registry,
             codec=options.get("codec", "msgpack"),
             max_body_size=options.get("max_body_size", DEFAULT_MAX_BODY_SIZE),
+            max_entry_size=options.get("max_entry_size"),
         )
         self._connection = ConnectionOptions(
             options.get("socket_timeout", 10.0), options.get("connect_timeout", 5.0)

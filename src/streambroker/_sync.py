@@ -13,7 +13,7 @@ import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, sync_client
+from .connection import ConnectionOptions, reply_budget, sync_client
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -77,6 +77,7 @@ class SyncDriver:
     def __init__(self, registry: ValidatedRegistry, options: ConnectionOptions) -> None:
         self._registry = registry
         self.options = options
+        self._scripts = fx.LoadedScripts()
         self._clients: dict[str, redis.Redis] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
@@ -138,19 +139,29 @@ class SyncDriver:
 
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            replies = self._round_trip(send.pool, send.commands)
+            probe = self._scripts.probe(send)
+            if probe is not None:
+                (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe])
+                self._scripts.learn(send.pool, probe, known)
+            commands = self._scripts.commands(send)
+            replies = self._round_trip(send, commands)
+            self._scripts.ran(send.pool, send, replies)
             again = fx.missing_scripts(send, replies)
             if again:
-                replies = fx.put_back(send, replies, self._round_trip(send.pool, again))
+                replies = fx.put_back(send, replies, self._round_trip(send, again))
             return fx.settle(send, replies)
 
-    def _round_trip(self, name: str, commands: Sequence[fx.Command]) -> list[Any]:
-        """The raw replies to ``commands``, error replies in place."""
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` (within its budget), error replies
+        in place."""
+        name = send.pool
         pool = self.client(name).connection_pool
         with fx.translated(name, self._registry.pools[name].tls):
             connection = pool.get_connection()
+        budget = reply_budget(connection)
         try:
             connection.send_packed_command(fx.pack(commands))  # type: ignore[no-untyped-call]
+            budget.start(send)
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -161,6 +172,7 @@ class SyncDriver:
             connection.disconnect()  # type: ignore[no-untyped-call]
             raise
         finally:
+            budget.stop()
             pool.release(connection)
         return replies
 

@@ -18,14 +18,23 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
+from redis._parsers import _AsyncHiredisParser, _HiredisParser
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._effects import ReplyTooLargeError, Send
 from .config import PoolSpec
 from .embedded import EmbeddedServer
 
-__all__ = ["ConnectionOptions", "async_client", "client_kwargs", "sync_client"]
+__all__ = [
+    "ConnectionOptions",
+    "ReplyBudget",
+    "async_client",
+    "client_kwargs",
+    "reply_budget",
+    "sync_client",
+]
 
 log = logging.getLogger("streambroker")
 
@@ -69,6 +78,89 @@ def _missing_passphrase() -> str:
     raise ssl.SSLError("the client key is protected by a passphrase: give ssl_password")
 
 
+class ReplyBudget:
+    """What the replies of the round trip in progress on a connection may still take."""
+
+    __slots__ = ("left", "send")
+
+    def __init__(self) -> None:
+        self.send: Send | None = None
+        self.left = 0
+
+    def start(self, send: Send) -> None:
+        """Count the replies of ``send`` from now on, when it has a budget."""
+        self.send = send if send.budget else None
+        self.left = send.budget
+
+    def stop(self) -> None:
+        """Stop counting (the round trip is over): the send's ``received`` tells how much
+        its replies took."""
+        if self.send is not None:
+            self.send.received = self.send.budget - self.left
+            self.send = None
+
+    def spend(self, size: int) -> None:
+        """Count ``size`` bytes that arrived; past the budget, raise before they are kept."""
+        send = self.send
+        if send is not None:
+            self.left -= size
+            if self.left < 0:
+                raise ReplyTooLargeError(send.pool, send.budget)
+
+
+class _CountingReader:
+    """A ``hiredis.Reader`` whose input is counted against a :class:`ReplyBudget`."""
+
+    __slots__ = ("_budget", "_reader")
+
+    def __init__(self, reader: Any, budget: ReplyBudget) -> None:
+        self._reader = reader
+        self._budget = budget
+
+    def feed(self, data: Any, offset: int = 0, length: int = -1) -> None:
+        self._budget.spend(len(data) - offset if length < 0 else length)
+        self._reader.feed(data, offset, length)
+
+    def gets(self, *args: Any) -> Any:
+        return self._reader.gets(*args)
+
+    def has_data(self) -> bool:
+        return bool(self._reader.has_data())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+class _CountingParser(_HiredisParser):
+    """redis-py's hiredis parser, reading through a :class:`_CountingReader`."""
+
+    def __init__(self, socket_read_size: int) -> None:
+        super().__init__(socket_read_size)  # type: ignore[no-untyped-call]
+        self.budget = ReplyBudget()
+
+    def on_connect(self, connection: Any, **kwargs: Any) -> None:
+        super().on_connect(connection, **kwargs)  # type: ignore[no-untyped-call]
+        self._reader = _CountingReader(self._reader, self.budget)  # type: ignore[assignment]
+
+
+class _AsyncCountingParser(_AsyncHiredisParser):
+    """redis.asyncio's hiredis parser, reading through a :class:`_CountingReader`."""
+
+    def __init__(self, socket_read_size: int) -> None:
+        super().__init__(socket_read_size)
+        self.budget = ReplyBudget()
+
+    def on_connect(self, connection: Any) -> None:
+        super().on_connect(connection)  # type: ignore[no-untyped-call]
+        self._reader = _CountingReader(self._reader, self.budget)  # type: ignore[assignment]
+
+
+def reply_budget(connection: Any) -> ReplyBudget:
+    """The budget of a connection of a client made here (sync or asyncio)."""
+    budget: ReplyBudget = connection._parser.budget
+    return budget
+
+
 ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 
 
@@ -89,10 +181,15 @@ def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> Clien
 def sync_client(spec: PoolSpec, options: ConnectionOptions) -> redis.Redis:
     """A synchronous client of the pool ``spec``."""
     kwargs = client_kwargs(spec, options)
-    return _client(redis.Redis, spec, {**kwargs, "retry": Retry(NoBackoff(), 0)})
+    client = _client(redis.Redis, spec, {**kwargs, "retry": Retry(NoBackoff(), 0)})
+    client.connection_pool.connection_kwargs["parser_class"] = _CountingParser
+    return client
 
 
 async def async_client(spec: PoolSpec, options: ConnectionOptions) -> redis.asyncio.Redis:
     """An asyncio client of the pool ``spec`` (an embedded server starts in a thread)."""
     kwargs = await asyncio.to_thread(client_kwargs, spec, options)
-    return _client(redis.asyncio.Redis, spec, {**kwargs, "retry": AsyncRetry(NoBackoff(), 0)})
+    retry = AsyncRetry(NoBackoff(), 0)
+    client = _client(redis.asyncio.Redis, spec, {**kwargs, "retry": retry})
+    client.connection_pool.connection_kwargs["parser_class"] = _AsyncCountingParser
+    return client

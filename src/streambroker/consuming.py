@@ -28,6 +28,7 @@ from ._effects import (
     Op,
     Parallel,
     ReplyError,
+    ReplyTooLargeError,
     Script,
     Send,
     Sleep,
@@ -69,6 +70,14 @@ from .handing import (
 from .keys import lease_key, replay_key
 from .leases import LEASE_RETAKEN, acquire_command, release_command, renew_command
 from .observer import Outcome
+from .sizes import (
+    BUDGET_ENTRIES,
+    entry_size,
+    oversized_pending_command,
+    read_budget,
+    reply_budget,
+    too_large,
+)
 
 __all__ = ["ConsumerCore", "ConsumerOptions", "check_count", "claim", "remove_consumer"]
 
@@ -230,6 +239,13 @@ class ConsumerCore:
         self._dead_waiting = False  # dead letters refused for want of memory wait
         # Whether the last step read events delivered before (handed in smaller batches).
         self._redelivered = False
+        # Whether a read went over its budget: the pending events are to be measured,
+        # then re-read in pieces a budget has room for.
+        self._oversized = False
+        self._pieces = False
+        # After a read of legitimate entries went over its budget: how many new events
+        # to read per stream, from the size of those read since (None: ``count``).
+        self._read_cap: int | None = None
         self._lost: set[tuple[str, str]] = set()
         self._lease_lost = False
         # Whether a loss of this group's data was reported (until the lease is seen again).
@@ -268,7 +284,26 @@ class ConsumerCore:
                     yield from self.core.ensure_groups(self._groups)  # at once when lost
                     if not self._leased:
                         yield from self._acquire()
+                    if self._oversized and not (yield from self._set_aside_oversized()):
+                        # Big entries, but none too big: fewer are read at a time.
+                        streams = max(len(sources) for sources in self._by_pool.values())
+                        self._read_cap = max(1, BUDGET_ENTRIES // streams)
                     events = yield from self._step(count, block and not self.stopping)
+                except ReplyTooLargeError as exc:
+                    log.info(
+                        "consumer %s of group %s: a read from redis pool %r took more than "
+                        "its budget of %d bytes; setting aside its pending entries larger than "
+                        "max_entry_size (%d bytes) and re-reading the others in smaller pieces",
+                        self.name,
+                        self.group,
+                        exc.pool,
+                        exc.budget,
+                        self.core.max_entry_size,
+                    )
+                    self._own = dict.fromkeys(self._sources, "-")
+                    self._retries.clear()  # re-reading the pending events covers them
+                    self._oversized = self._pieces = True
+                    continue
                 except (PoolConnectionError, ServerReplyError) as exc:
                     failures += 1
                     if not self._recoverable(exc) or (not block and failures >= ONE_SHOT_ATTEMPTS):
@@ -502,6 +537,12 @@ class ConsumerCore:
         sends = []
         for pool, sources in self._by_pool.items():
             plan = self._outgoing_commands(pool)
+            own = [source.key for source in sources if source.key in self._own]
+            piece = count
+            if self._pieces and own:
+                # Pieces a budget has room for, of a few streams at a time.
+                own = own[:BUDGET_ENTRIES]
+                piece = min(count, max(1, BUDGET_ENTRIES // len(own)))
             if renew and pool == self._lease_pool:
                 ttl = int(self.options.lease * 1000)
                 command = renew_command(self._prefix, self.group, self.name, self._token, ttl)
@@ -518,10 +559,11 @@ class ConsumerCore:
                         key, self.group, self.name, idle_ms, cursor, count, forget_ms
                     )
                     plan.append(("reclaim", key, command))
-                if key in self._own:
-                    command = own_pending_command(key, self.group, self.name, self._own[key], count)
+                if key in own:
+                    command = own_pending_command(key, self.group, self.name, self._own[key], piece)
                     plan.append(("own", key, command))
             new = [source.key for source in sources if source.key not in self._own]
+            reading = min(count, self._read_cap or count)
             if new:
                 head: tuple[Any, ...] = (
                     "XREADGROUP",
@@ -529,13 +571,15 @@ class ConsumerCore:
                     self.group,
                     self.name,
                     "COUNT",
-                    count,
+                    reading,
                 )
                 if wait >= 0.001:
                     head += ("BLOCK", int(wait * 1000))
                 plan.append(("read", "", (*head, "STREAMS", *new, *[">"] * len(new))))
             plans.append(plan)
-            sends.append(Send(pool, [command for _, _, command in plan], allow_errors=True))
+            budget = self._budget(plan, count, reading * len(new))
+            commands = [command for _, _, command in plan]
+            sends.append(Send(pool, commands, allow_errors=True, budget=budget))
         read_at = time.monotonic()
         results = yield Parallel(sends)
         self._sent(sends, plans, results)
@@ -549,9 +593,21 @@ class ConsumerCore:
         if renew:
             self._renew_at = now + self.options.lease / 3
         events: list[Event] = []
-        for plan, replies in zip(plans, results, strict=True):
+        for send, plan, replies in zip(sends, plans, results, strict=True):
+            # Replies smaller than the limit cannot hold an entry over it.
+            measure = send.received > self.core.entry_limit
             for (kind, key, _), reply in zip(plan, replies, strict=True):
-                self._reply(kind, key, reply, count, read_at, events)
+                self._reply(kind, key, reply, count, read_at, events, measure)
+        if not self._own:
+            self._pieces = False
+        if self._read_cap is not None and events:
+            # As many as a budget has room for, at the size these had.
+            size = sum(send.received for send in sends) // len(events) + 1
+            room = read_budget(BUDGET_ENTRIES, self.core.entry_limit) // size
+            streams = max(len(sources) for sources in self._by_pool.values())
+            self._read_cap = max(1, room // streams)
+            if self._read_cap >= count:
+                self._read_cap = None
         return self._screen(events)
 
     def _sent(
@@ -590,12 +646,25 @@ class ConsumerCore:
         self._dead_waiting = bool(waiting)
 
     def _reply(
-        self, kind: str, key: str, reply: Any, count: int, read_at: float, into: list[Event]
+        self,
+        kind: str,
+        key: str,
+        reply: Any,
+        count: int,
+        read_at: float,
+        into: list[Event],
+        measure: bool = False,
     ) -> None:
+        """Take in the reply of a command of kind ``kind``; events go ``into`` the list
+        (with ``measure``, those larger than ``max_entry_size`` are set aside)."""
+        limit = self.core.entry_limit
         if kind == "read":
             for raw_key, entries in reply or ():
                 source = self._sources[raw_key.decode()]
                 for raw_id, fields in entries:
+                    if measure and (size := entry_size(fields)) > limit:
+                        self._set_aside(source.key, raw_id.decode(), size, 1)
+                        continue
                     into.append(
                         Event(source.stream, raw_id.decode(), fields, source.key, 1, read_at)
                     )
@@ -603,6 +672,9 @@ class ConsumerCore:
             entries, counts, gone, cursor, *forgotten = reply
             source = self._sources[key]
             for (raw_id, fields), delivered in zip(entries, counts, strict=True):
+                if measure and (size := entry_size(fields)) > limit:
+                    self._set_aside(key, raw_id.decode(), size, int(delivered))
+                    continue
                 event = Event(source.stream, raw_id.decode(), fields, key, int(delivered), read_at)
                 into.append(event)
             self._redelivered = self._redelivered or bool(entries)
@@ -728,6 +800,73 @@ class ConsumerCore:
             source.spec, event.key, self.group, self.name, event.id, error, deliveries
         )
         self._outgoing[source.pool].dead.append((event.key, command))
+
+    def _set_aside_oversized(self) -> Op[int]:
+        """Measure this consumer's pending entries on the server; those larger than
+        ``max_entry_size`` go to the dead letters (with the next round trip), unread.
+        Returns how many."""
+        limit = self.core.entry_limit
+        found = 0
+        for pool, sources in self._by_pool.items():
+            cursors = {source.key: "-" for source in sources}
+            while cursors:
+                keys = list(cursors)
+                commands = [
+                    oversized_pending_command(key, self.group, self.name, cursors[key], limit)
+                    for key in keys
+                ]
+                replies = yield Send(pool, commands)
+                for key, (oversized, cursor) in zip(keys, replies, strict=True):
+                    found += len(oversized)
+                    for raw_id, size, deliveries in oversized:
+                        self._set_aside(key, raw_id.decode(), int(size), int(deliveries))
+                    if cursor:
+                        cursors[key] = cursor.decode()
+                    else:
+                        del cursors[key]
+        self._oversized = False
+        return found
+
+    def _set_aside(self, key: str, event_id: str, size: int, deliveries: int) -> None:
+        """Move the pending entry ``event_id``, larger than ``max_entry_size``, to the dead
+        letters without reading it (the server copies it)."""
+        source = self._sources[key]
+        limit = self.core.max_entry_size
+        log.warning(
+            "stream %s, group %s: entry %s is %d bytes, more than the max_entry_size limit of "
+            "%d bytes; moving it to the dead letters without reading it",
+            source.stream,
+            self.group,
+            event_id,
+            size,
+            limit,
+        )
+        command = dead_letter_command(
+            source.spec,
+            key,
+            self.group,
+            self.name,
+            event_id,
+            too_large(size, limit),
+            deliveries,
+        )
+        self._outgoing[source.pool].dead.append((key, command))
+
+    def _budget(self, plan: list[tuple[str, str, Command]], count: int, reading: int) -> int:
+        """The bytes the replies of ``plan`` may take (see :mod:`~streambroker.sizes`):
+        room for the entries it may read (``reading`` new ones), up to a budget's, and
+        what each reply adds."""
+        entries = 0
+        slack = 0
+        for kind, _, command in plan:
+            if kind == "read":
+                entries += reading
+            elif kind in ("own", "reclaim"):
+                entries += min(count, MAX_SCRIPT_BATCH)
+            elif kind == "retry":
+                entries += len(command) - 6  # the ids
+            slack += reply_budget(command)
+        return read_budget(entries, self.core.entry_limit) + slack
 
     # -- handling -----------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from .observer import Observer
 if TYPE_CHECKING:
     from .tracing import Tracing
 from .routes import Route, check_kind, check_routes, router
+from .sizes import DEFAULT_MAX_ENTRY_SIZE, RESERVED_SIZE
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "BrokerCore", "HandlerSpec"]
 
@@ -59,6 +60,7 @@ class BrokerCore:
         registry: ValidatedRegistry,
         codec: str = "msgpack",
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_entry_size: int | None = None,
     ) -> None:
         if not isinstance(registry, ValidatedRegistry):
             raise InvalidArgumentError(
@@ -72,9 +74,24 @@ class BrokerCore:
             raise InvalidArgumentError(
                 f"max_body_size must be a positive number of bytes, got {max_body_size!r}"
             )
+        if max_entry_size is None:
+            max_entry_size = max(DEFAULT_MAX_ENTRY_SIZE, max_body_size)
+        elif (
+            isinstance(max_entry_size, bool)
+            or not isinstance(max_entry_size, int)
+            or max_entry_size < max_body_size
+        ):
+            raise InvalidArgumentError(
+                f"max_entry_size must be a number of bytes of at least max_body_size "
+                f"({max_body_size}), got {max_entry_size!r}"
+            )
         self.registry = registry
         self.codec: Codec = get_codec(codec)
         self.max_body_size = max_body_size
+        self.max_entry_size = max_entry_size
+        #: The largest entry read (:mod:`~streambroker.sizes`): the limit, and room for
+        #: the reserved fields of an event of ``max_body_size``.
+        self.entry_limit = max_entry_size + RESERVED_SIZE
         self._ready: set[tuple[str, str, str]] = set()  # (pool, key, group) created
         self._handlers: dict[str, _GroupHandlers] = {}
         #: Told what the broker does (its metrics), when set.

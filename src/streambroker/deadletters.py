@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from ._effects import Command, Op, Script, Send, single
 from .config import StreamSpec
@@ -28,6 +29,7 @@ from .core import BrokerCore
 from .errors import DecodeError, InvalidArgumentError, ServerReplyError
 from .events import Event
 from .keys import dead_letter_key, replay_key
+from .sizes import dead_letters_page_command, read_budget
 
 __all__ = [
     "MAX_COPIED_FIELDS",
@@ -219,11 +221,24 @@ def _text(dead: dict[bytes, bytes], name: bytes) -> str:
 def list_dead_letters(
     core: BrokerCore, stream: str, group: str, limit: int = 1000
 ) -> Op[list[DeadLetter]]:
-    """The oldest ``limit`` dead letters of ``group`` from ``stream``."""
+    """The oldest ``limit`` dead letters of ``group`` from ``stream``.
+
+    A dead letter larger than ``max_entry_size`` is listed without the event's fields
+    (its error says why it is a dead letter); it stays whole on the server.
+    """
     spec = core.stream_group(stream, group)
-    (entries,) = yield Send(
-        spec.pool, [("XRANGE", dead_letter_key(spec, group), "-", "+", "COUNT", limit)]
-    )
+    pool = spec.pool
+    key = dead_letter_key(spec, group)
+    entries: list[Any] = []
+    start, more = "-", True
+    while more and len(entries) < limit:
+        count = limit - len(entries)
+        page = dead_letters_page_command(key, start, count, core.entry_limit)
+        (reply,) = yield Send(pool, [page], budget=read_budget(count, core.entry_limit))
+        found, more = reply
+        entries += found
+        if found:
+            start = "(" + found[-1][0].decode()
     letters = []
     for raw_id, fields in entries:
         letter_id = raw_id.decode()

@@ -98,6 +98,22 @@ class DecodeError(PayloadError, ValueError):
     """A stream entry that cannot be decoded (foreign, corrupt, or of another type)."""
 
 
+class EntryTooLargeError(PayloadError, ValueError):
+    """A stream entry larger than the broker's ``max_entry_size``, which ``read()``
+    stops at without reading it; ``stream`` and ``id`` name it, ``size`` is its size
+    as the limit counts it. Reading on after ``id`` skips it."""
+
+    def __init__(self, stream: str, entry_id: str, size: int, limit: int) -> None:
+        self.stream = stream
+        self.id = entry_id
+        self.size = size
+        super().__init__(
+            f"stream {stream}: entry {entry_id} is {size} bytes, more than the "
+            f"max_entry_size limit of {limit} bytes, so it was not read (read after "
+            f"{entry_id} to skip it)"
+        )
+
+
 class PoolError(BrokerError):
     """A failure talking to one Redis pool; ``pool`` names it."""
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 
-from ._effects import Op, Send
+from ._effects import Op, ReplyTooLargeError, Send, single
 from .core import BrokerCore
-from .errors import InvalidArgumentError
+from .errors import EntryTooLargeError, InvalidArgumentError
 from .events import Event
+from .sizes import BUDGET_ENTRIES, entry_size, range_sizes_command, read_budget
 
 __all__ = ["latest", "read"]
 
@@ -30,6 +31,8 @@ def read(
     """Up to ``count`` events of ``stream`` with ids above ``after``, oldest first.
 
     With ``block`` (seconds), waits that long at most for an event when there is none.
+    Stops before an entry larger than ``max_entry_size``; raises
+    :class:`EntryTooLargeError` when it comes first.
     """
     spec = core.stream(stream)
 
@@ -50,12 +53,41 @@ def read(
                 f"({socket_timeout} s)"
             )
         command += ("BLOCK", max(1, int(block * 1000)))
-    (reply,) = yield Send(spec.pool, ((*command, "STREAMS", spec.key, after),))
-    return [
-        Event(spec.name, raw_id.decode(), fields, spec.key)
-        for _, entries in reply or ()
-        for raw_id, fields in entries
-    ]
+    limit = core.entry_limit
+    try:
+        (reply,) = yield Send(
+            spec.pool,
+            ((*command, "STREAMS", spec.key, after),),
+            budget=read_budget(count, limit),
+        )
+    except ReplyTooLargeError:
+        # Measured on the server: the entries before the first one over the limit,
+        # as many as a budget has room for, are read again.
+        measure = range_sizes_command(spec.key, f"({after}", min(count, BUDGET_ENTRIES))
+        (sizes,) = yield single(spec.pool, *measure)
+        fit = 0
+        for raw_id, size in sizes:
+            if size > limit:
+                if not fit:
+                    raise EntryTooLargeError(
+                        stream, raw_id.decode(), size, core.max_entry_size
+                    ) from None
+                break
+            fit += 1
+        if not fit:
+            return []  # deleted meanwhile
+        again = ("XREAD", "COUNT", fit, "STREAMS", spec.key, after)
+        (reply,) = yield Send(spec.pool, (again,), budget=read_budget(fit, limit))
+    events: list[Event] = []
+    for _, entries in reply or ():
+        for raw_id, fields in entries:
+            size = entry_size(fields)
+            if size > limit:
+                if not events:
+                    raise EntryTooLargeError(stream, raw_id.decode(), size, core.max_entry_size)
+                return events  # the next read raises there
+            events.append(Event(spec.name, raw_id.decode(), fields, spec.key))
+    return events
 
 
 def latest(core: BrokerCore, stream: str, count: int) -> Op[list[Event]]:
@@ -65,7 +97,11 @@ def latest(core: BrokerCore, stream: str, count: int) -> Op[list[Event]]:
         raise InvalidArgumentError(
             f"reading stream {stream}: count must be an integer >= 1, got {count!r}"
         )
-    (entries,) = yield Send(spec.pool, (("XREVRANGE", spec.key, "+", "-", "COUNT", count),))
+    (entries,) = yield Send(
+        spec.pool,
+        (("XREVRANGE", spec.key, "+", "-", "COUNT", count),),
+        budget=read_budget(count, core.entry_limit),
+    )
     return [
         Event(spec.name, raw_id.decode(), fields, spec.key) for raw_id, fields in reversed(entries)
     ]
