@@ -21,7 +21,7 @@ import pytest
 import streambroker as sb
 from streambroker.dashboard import Figures
 
-from .conftest import IN_CI, SEED_YAML_TEMPLATE, Server, seed_registry, wait_for
+from .conftest import IN_CI, SEED_YAML_TEMPLATE, Server, free_port, seed_registry, wait_for
 from .faces import Loop
 
 CHROMIUM = "/usr/bin/chromium"
@@ -299,15 +299,22 @@ def test_a_group_whose_consumers_all_stopped_while_it_holds_events_is_flagged(
     for n in range(2):
         seeded.publish("stream-c", n)
 
+    # A group whose consumers all left (or that never ran) holds its events back too.
+    seeded.publish("stream-b", "waits")
+
     page.goto(dashboard.url)
-    banner = page.locator('.alert[data-group="read-group-c"]')
+    banner = page.locator('.alert[data-stream="stream-c"][data-group="read-group-c"]')
     expect(banner).to_contain_text(
         "Consumer group read-group-c of stream stream-c has no live consumer and holds back "
         "3 events, the oldest for"
     )
+    expect(page.locator('.alert[data-stream="stream-b"]')).to_contain_text(
+        "Consumer group read-group-ab of stream stream-b has no live consumer and holds back "
+        "1 event, the oldest for"
+    )
     expect(page.locator('tr.group.stopped[data-group="read-group-c"]')).to_have_count(1)
     # The groups that hold nothing back are not flagged.
-    expect(page.locator(".alert")).to_have_count(1)
+    expect(page.locator(".alert")).to_have_count(2)
 
     def settled() -> bool:
         consumer.consume(lambda events: None, 10, block=False)
@@ -390,5 +397,23 @@ def test_the_figures_are_read_once_per_interval_however_many_ask(
             assert figures.reads == 2
             assert view["streams"][0]["length"] == 2
             assert view["streams"][0]["published_series"] != []
+
+    event_loop_thread.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_a_reading_that_fails_names_the_pool_and_waits_for_the_interval(
+    event_loop_thread: Loop,
+) -> None:
+    port = free_port()  # nothing listens there
+    registry = seed_registry(f"127.0.0.1:{port}:0", f"127.0.0.1:{port}:3")
+
+    async def scenario() -> None:
+        async with registry.async_broker() as broker:
+            figures = Figures(broker, min_interval=60)
+            views = await asyncio.gather(*(figures.view() for _ in range(5)))
+            assert figures.reads == 1
+            assert views[0]["streams"] == []
+            assert views[0]["error"].startswith("redis pool 'default': ")
+            assert str(port) in views[0]["error"]
 
     event_loop_thread.run(asyncio.wait_for(scenario(), timeout=30))

@@ -87,22 +87,24 @@ class Figures:
 
     async def view(self) -> dict[str, Any]:
         """The figures as JSON-compatible values (see :func:`figures_view`), read afresh
-        unless the last reading is recent enough; a reading that failed is tried again
-        at the next call, its error in ``error``."""
+        unless the last reading is recent enough; when the reading fails, its error in
+        ``error`` (and no streams) until the next one."""
         async with self._lock:
             if time.monotonic() - self._read_at >= self._min_interval:
                 self.reads += 1
                 try:
                     stats = await self._broker.stats()
                 except BrokerError as exc:
-                    self._read_at = -float("inf")
-                    return {"error": _safe(exc), "streams": [], "alerts": []}
-                now = time.monotonic()
-                self._read_at = now
-                self._samples.append((now, stats))
-                while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
-                    self._samples.popleft()
-                self._view = figures_view(list(self._samples))
+                    self._view = {"error": _safe(exc), "span": 0, "streams": [], "alerts": []}
+                else:
+                    self._samples.append((time.monotonic(), stats))
+                    while (
+                        len(self._samples) > 2
+                        and self._samples[-1][0] - self._samples[1][0] >= self._window
+                    ):
+                        self._samples.popleft()
+                    self._view = figures_view(list(self._samples))
+                self._read_at = time.monotonic()
             return self._view
 
 
@@ -125,12 +127,9 @@ def _held(group: GroupStats) -> tuple[int, float | None]:
 
 
 def _stopped(group: GroupStats) -> bool:
-    """Whether every consumer of ``group`` stopped while it holds events back."""
-    return (
-        bool(group.consumers)
-        and not any(consumer.alive for consumer in group.consumers)
-        and _held(group)[0] > 0
-    )
+    """Whether ``group`` holds events back with no live consumer: its consumers all
+    stopped or crashed (a worker's consumers leave their group when they stop)."""
+    return not any(consumer.alive for consumer in group.consumers) and _held(group)[0] > 0
 
 
 def _rate(value: float | None) -> str:

@@ -82,7 +82,8 @@ function draw(figures) {
   error.hidden = !figures.error;
   error.textContent = figures.error ? `Cannot read the statistics: ${figures.error}` : "";
   document.getElementById("alerts").replaceChildren(...figures.alerts.map((alert) =>
-    el("div", { class: "alert", role: "alert", "data-group": alert.group }, alert.message)));
+    el("div", { class: "alert", role: "alert", "data-stream": alert.stream, "data-group": alert.group },
+      alert.message)));
   document.getElementById("span").textContent = figures.span ?? 0;
   document.getElementById("streams").replaceChildren(...figures.streams.map(streamSection));
 }
