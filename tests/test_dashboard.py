@@ -7,6 +7,7 @@ import asyncio
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +58,9 @@ def browser() -> Iterator[Any]:
         if IN_CI:
             pytest.fail(problem + " (CI=true: a missing browser is a failure)")
         pytest.skip(problem)
+    from playwright.sync_api import expect as playwright_expect
+
+    playwright_expect.set_options(timeout=PAGE_DEADLINE)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -277,6 +281,13 @@ def test_hostile_names_meta_bodies_and_errors_are_shown_as_text(
     letter = page.locator("tr.letter")
     expect(letter.locator("td.letter-error")).to_have_text(f"ValueError: {HOSTILE_SHOWN}")
     expect(letter.locator("td.meta")).to_have_text(f"tag={HOSTILE_SHOWN}")
+    # A stream that does not exist, named in the address: a 404 that shows the name as text.
+    reply = page.goto(f"{dashboard.url}/streams/%3Cimg%20src=x%20onerror=window.hacked=1%3E%1B[2J")
+    assert reply.status == 404
+    expect(page.locator("p.error")).to_contain_text(
+        # As the command line shows it: the name quoted as Python does, its escape escaped.
+        "stream '<img src=x onerror=window.hacked=1>\\x1b[2J' is not registered"
+    )
     for path in ("/", "/streams/stream-a", "/streams/stream-a/groups/read-group-a"):
         page.goto(dashboard.url + path)
         page.locator("header").wait_for()
@@ -354,6 +365,9 @@ def test_a_token_is_required_when_given_and_actions_need_the_page(
             assert _get(f"{base}/api/figures", {"Authorization": "Bearer wrong"}) == 401
             assert _get(f"{base}/api/figures", {"Authorization": "Bearer s3cret"}) == 200
             assert _get(f"{base}/?token=wrong") == 401
+            # A page of another site whose name points at this address gets nothing.
+            headers = {"Authorization": "Bearer s3cret", "Host": "evil.example"}
+            assert _get(f"{base}/api/figures", headers) == 400
 
             # Actions need the page's Origin and CSRF value, even with the token.
             replay = f"{base}/streams/stream-a/groups/read-group-a/replay"
@@ -417,3 +431,20 @@ def test_a_reading_that_fails_names_the_pool_and_waits_for_the_interval(
             assert str(port) in views[0]["error"]
 
     event_loop_thread.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+def test_a_port_in_use_is_one_line_naming_it(config_file: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "streambroker", "dashboard", "-p", str(port)]
+        result = subprocess.run(
+            [*command, "-c", str(config_file)], capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"streambroker: error: cannot serve the dashboard on 127.0.0.1:{port}: "
+    )
+    assert len(result.stderr.splitlines()) == 1

@@ -98,10 +98,8 @@ class Figures:
                     self._view = {"error": _safe(exc), "span": 0, "streams": [], "alerts": []}
                 else:
                     self._samples.append((time.monotonic(), stats))
-                    while (
-                        len(self._samples) > 2
-                        and self._samples[-1][0] - self._samples[1][0] >= self._window
-                    ):
+                    newest = self._samples[-1][0]
+                    while newest - self._samples[0][0] > self._window:
                         self._samples.popleft()
                     self._view = figures_view(list(self._samples))
                 self._read_at = time.monotonic()
@@ -319,8 +317,11 @@ def create_app(
         return HTMLResponse(html, status)
 
     def failed(request: Request, exc: BrokerError) -> HTMLResponse:
-        unknown = isinstance(exc, UnknownStreamError | UnknownGroupError)
-        return page(request, "error.html", 404 if unknown else 502, error=exc)
+        if isinstance(exc, UnknownStreamError | UnknownGroupError):
+            status = 404
+        else:
+            status = 400 if isinstance(exc, InvalidArgumentError) else 502
+        return page(request, "error.html", status, error=exc)
 
     async def overview(request: Request) -> Response:
         return page(request, "index.html")
