@@ -74,7 +74,9 @@ class Figures:
     ``broker`` at most once per ``min_interval`` seconds whatever the number of
     readers; the readings of the last ``window`` seconds give the rates."""
 
-    def __init__(self, broker: AsyncBroker, min_interval: float = 1.0, window: float = 60.0):
+    def __init__(
+        self, broker: AsyncBroker, min_interval: float = 1.0, window: float = 60.0
+    ) -> None:
         self._broker = broker
         self._min_interval = min_interval
         self._window = window
@@ -250,14 +252,14 @@ class _Guard(BaseHTTPMiddleware):
         self._token = token
         self._loopback_only = loopback_only
 
-    def _authorized(self, request: Request) -> bool:
-        assert self._token is not None
+    @staticmethod
+    def _authorized(request: Request, token: str) -> bool:
         bearer = request.headers.get("authorization", "")
         given = [
             bearer[7:] if bearer[:7].lower() == "bearer " else "",
             request.cookies.get(TOKEN_COOKIE, ""),
         ]
-        return any(hmac.compare_digest(value.encode(), self._token.encode()) for value in given)
+        return any(hmac.compare_digest(value.encode(), token.encode()) for value in given)
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         if self._loopback_only and request.url.hostname not in _LOOPBACK_NAMES:
@@ -274,7 +276,7 @@ class _Guard(BaseHTTPMiddleware):
                     TOKEN_COOKIE, self._token, httponly=True, samesite="strict", path="/"
                 )
                 return response
-            if not self._authorized(request):
+            if not self._authorized(request, self._token):
                 return _plain(
                     401,
                     "this dashboard needs its token: open it once with ?token=TOKEN "
