@@ -1038,6 +1038,41 @@ def exporter(
         metrics.close()
 
 
+@app.command()
+def dashboard(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to serve.")],
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address to serve on (0.0.0.0: every interface; logs a warning)."
+        ),
+    ] = "127.0.0.1",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="STREAMBROKER_DASHBOARD_TOKEN",
+            help="Require this token: ?token=T once (kept in a cookie) or Authorization: Bearer T.",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigPath = None,
+) -> None:
+    """Serve a web dashboard of the configuration's streams, until SIGTERM or Ctrl-C: live
+    figures, the recent events of each stream, and each group's dead letters to replay."""
+    from .dashboard import serve
+
+    _, registry = load_config(ctx, config)
+    serve(
+        registry,
+        host,
+        port,
+        token or None,
+        announce=lambda url: print(_safe(f"serving the dashboard on {url}"), flush=True),
+    )
+
+
 def _wait_for_signal() -> None:
     """Sleep until SIGTERM or SIGINT."""
     stop = threading.Event()
