@@ -57,7 +57,7 @@ from .errors import (
     ServerReplyError,
 )
 from .events import Event
-from .gc import collect_command
+from .gc import collect_command, collected, stream_collect_command
 from .handing import (
     DIED_ON_LAST_DELIVERY,
     LAST_DELIVERY_MARK,
@@ -455,7 +455,12 @@ class ConsumerCore:
                 for key in self._uncollected:
                     source = self._sources[key]
                     if source.pool == pool:
-                        commands.append(("gc", key, collect_command(key, source.groups)))
+                        command = (
+                            stream_collect_command(source.spec)
+                            if key == source.spec.key
+                            else collect_command(key, source.groups)
+                        )
+                        commands.append(("gc", key, command))
         return commands
 
     def _collect_in(self, now: float) -> float | None:
@@ -643,7 +648,10 @@ class ConsumerCore:
                     self._sources[key].stream,
                 )
         elif kind == "gc":
-            self._uncollected.pop(key, None)
+            source = self._sources[key]
+            # A stream still past its limits stays due, and is collected again soon.
+            if not collected(source.pool, source.spec, source.groups, reply).more:
+                self._uncollected.pop(key, None)
             self._collect_at = time.monotonic() + COLLECT_EVERY
         elif kind == "renew" and not self._renewed(reply):
             raise LeaseLostError(
