@@ -259,14 +259,9 @@ def collected(pool: str, spec: StreamSpec, groups: Sequence[str], reply: Any) ->
         if unread or pending
     }
     if past:
-        limits = ", ".join(
-            text
-            for text, value in (
-                (f"max_length {spec.max_length}", spec.max_length),
-                (f"max_age {spec.max_age:g} s", spec.max_age),
-            )
-            if value is not None
-        )
+        limits = [f"max_length {spec.max_length}"] if spec.max_length is not None else []
+        if spec.max_age is not None:
+            limits.append(f"max_age {spec.max_age:g} s")
         held = "; ".join(
             f"group {group} lost {unread} unread and {pending} pending"
             for group, (unread, pending) in lost.items()
@@ -275,7 +270,7 @@ def collected(pool: str, spec: StreamSpec, groups: Sequence[str], reply: Any) ->
             "stream %s is past its retention limits (%s): removed its %d oldest events "
             "before every group acknowledged them: %s",
             spec.name,
-            limits,
+            ", ".join(limits),
             past,
             held,
         )
