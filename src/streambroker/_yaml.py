@@ -213,8 +213,8 @@ def _stream_fields(
         where = _line(name, key_node)
         if key not in _STREAM_KEYS:
             problems.append(
-                f"{where}: stream {stream}: unknown key {key!r} "
-                f"(expected {', '.join(_STREAM_KEYS)})"
+                f"{where}: stream {stream}: unknown key {key!r} (a stream maps to a list of "
+                f"consumer group names, or to a mapping with {', '.join(_STREAM_KEYS)})"
             )
             ok = False
         elif key in fields:
