@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import uuid
 
 import pytest
 import redis
@@ -304,6 +305,36 @@ def test_publishers_alone_keep_a_limited_stream_bounded(
         for n in range(COLLECT_EVERY_EVENTS + 20):
             batch.publish("s", n)
     assert ids_in(client) == batch.ids[-50:]
+
+
+def test_a_publisher_refused_the_collect_script_still_publishes(
+    open_broker: OpenBroker, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The events went out: a collection the ACL refuses is a warning, not an error."""
+    admin = server.client()
+    name, password = f"sb-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin.execute_command(
+        "ACL", "SETUSER", name, "reset", "on", "~*", "&*", "+@all", f">{password}", "-evalsha"
+    )
+    try:
+        reg = sb.Registry()
+        reg.register_redis(f"redis://{name}:{password}@{server.address}/0")
+        reg.register_stream("s", "default", list(GROUPS), max_length=2)
+        broker = open_broker(reg.validate())
+        with caplog.at_level(logging.WARNING, logger="streambroker"):
+            ids = [broker.publish("s", n) for n in range(3)]
+        assert ids_in(admin) == ids
+        warned = [r.getMessage() for r in caplog.records if "could not apply" in r.getMessage()]
+        assert warned  # at its first event at least
+        for message in warned:
+            assert message.startswith(
+                "stream s: its publisher could not apply its retention limits: redis pool "
+                "'default': cannot collect stream 's': "
+            )
+            assert "'evalsha'" in message
+    finally:
+        admin.execute_command("ACL", "DELUSER", name)
+        admin.close()
 
 
 def test_an_unlimited_stream_is_published_as_before(

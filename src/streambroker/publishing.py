@@ -123,6 +123,7 @@ class BatchBuffer:
         self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
+        self._limited: Counter[str] = Counter()  # events queued per stream with limits
 
     def __len__(self) -> int:
         return len(self._commands)
@@ -137,11 +138,15 @@ class BatchBuffer:
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
         command = _xadd(self._core, stream, body, meta)
-        self._commands.append((self._core.registry.streams[stream].pool, stream, command))
+        spec = self._core.registry.streams[stream]
+        if spec.limited:
+            self._limited[stream] += 1
+        self._commands.append((spec.pool, stream, command))
 
     def discard(self, error: BaseException | None = None) -> None:
         """Drop the queued events unsent (the batch's block raised ``error``)."""
         self._commands.clear()
+        self._limited.clear()
         self._end_span([], error)
 
     def _end_span(self, ids: list[str], error: BaseException | None) -> None:
@@ -161,6 +166,7 @@ class BatchBuffer:
             raise
         self._end_span(ids, None)
         self._commands.clear()
+        self._limited.clear()
         self.ids.extend(ids)
         return ids
 
@@ -168,10 +174,9 @@ class BatchBuffer:
         """Per pool, the limited streams of the batch its publisher collects now."""
         core = self._core
         due: dict[str, list[StreamSpec]] = {}
-        counts = Counter(stream for _, stream, _ in self._commands)
-        for stream, count in counts.items():
-            spec = core.registry.streams[stream]
-            if spec.limited and _collect_due(core, stream, count):
+        for stream, count in self._limited.items():
+            if _collect_due(core, stream, count):
+                spec = core.registry.streams[stream]
                 due.setdefault(spec.pool, []).append(spec)
         return due
 
