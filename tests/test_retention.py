@@ -243,6 +243,26 @@ def test_max_age_removes_events_older_than_it_by_the_servers_clock(
     assert "(max_age 60 s)" in caplog.records[-1].getMessage()
 
 
+def test_a_registered_group_missing_on_the_server_loses_every_event_removed(
+    open_broker: OpenBroker, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the limits it would hold everything back; with them, the oldest go and it
+    is counted as having read none of them."""
+    client = server.client()
+    publisher = open_broker(registry(server))
+    ids = [publisher.publish("s", n) for n in range(6)]
+    publisher.consumer("ga").consume(ignore, block=False)
+    limited = open_broker(registry(server, max_length=4))
+    limited.collect_garbage()  # creates the groups once
+    client.xgroup_destroy("s", "gb")
+    ids += [publisher.publish("s", n) for n in range(6, 8)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streambroker"):
+        assert limited.collect_garbage("s") == {"s": 2}
+    assert ids_in(client) == ids[4:]
+    assert losses(caplog) == [{"gb": (2, 0)}]  # ga had acknowledged them
+
+
 def test_a_large_excess_goes_in_one_collect_garbage(
     open_broker: OpenBroker, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
