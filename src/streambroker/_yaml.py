@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .config import Registry
 
 _POOL_KEYS = ("redis", "db", "streams")
+#: The keys of a stream given as a mapping (rather than as its list of groups).
+_STREAM_KEYS = ("groups", "max_length", "max_age")
 #: The one top-level key that is not a pool's name.
 _KEY_PREFIX = "key_prefix"
 _STR_TAG = "tag:yaml.org,2002:str"
@@ -166,7 +168,14 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
             if stream is None:
                 problems.append(f"{stream_where}: a stream name must be a plain string")
                 continue
-            groups = _groups(groups_node)
+            limits: dict[str, yaml.Node] = {}
+            if isinstance(groups_node, yaml.MappingNode):
+                stream_fields = _stream_fields(name, stream, groups_node, problems)
+                if stream_fields is None:
+                    continue
+                groups_node = stream_fields.pop("groups", None)
+                limits = stream_fields
+            groups = () if groups_node is None else _groups(groups_node)
             if isinstance(groups, yaml.Node):
                 problems.append(
                     f"{_line(name, groups)}: stream {stream}: expected a list of "
@@ -176,11 +185,64 @@ def load_registry(registry: Registry, source: str | os.PathLike[str]) -> Registr
             items = groups_node.value if isinstance(groups_node, yaml.SequenceNode) else []
             group_origins = tuple(_line(name, item) for item in items)
             registry._streams.append(
-                _StreamEntry(stream, pool, groups, stream_where, group_origins)
+                _StreamEntry(
+                    stream,
+                    pool,
+                    groups,
+                    stream_where,
+                    group_origins,
+                    max_length=_value(limits["max_length"]) if "max_length" in limits else None,
+                    max_age=_value(limits["max_age"]) if "max_age" in limits else None,
+                    limit_origins={key: _line(name, node) for key, node in limits.items()},
+                )
             )
     if problems:
         raise ConfigError(problems)
     return registry
+
+
+def _stream_fields(
+    name: str, stream: str, node: yaml.MappingNode, problems: list[str]
+) -> dict[str, yaml.Node] | None:
+    """The fields of a stream given as a mapping, by key; None (with the problems added)
+    when a key is unknown or repeated."""
+    fields: dict[str, yaml.Node] = {}
+    ok = True
+    for key_node, value in node.value:
+        key = _scalar(key_node)
+        where = _line(name, key_node)
+        if key not in _STREAM_KEYS:
+            problems.append(
+                f"{where}: stream {stream}: unknown key {key!r} (a stream maps to a list of "
+                f"consumer group names, or to a mapping with {', '.join(_STREAM_KEYS)})"
+            )
+            ok = False
+        elif key in fields:
+            problems.append(f"{where}: stream {stream}: duplicate {key!r}")
+            ok = False
+        else:
+            fields[key] = value
+    return fields if ok else None
+
+
+class _Values(yaml.constructor.SafeConstructor):
+    """Builds the Python value of a scalar node as ``yaml.safe_load`` would."""
+
+
+def _value(node: yaml.Node) -> object:
+    """The value of a retention limit's node: a number, text, ... (checked by validate)."""
+    if not isinstance(node, yaml.ScalarNode):
+        return _Shown(_shown(node))
+    return _Values().construct_object(node)
+
+
+class _Shown(str):
+    """A value that is not a scalar, shown by what it is ("a list") in messages."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _shown(node: yaml.Node) -> str:

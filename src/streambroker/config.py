@@ -7,6 +7,7 @@ returns an immutable :class:`ValidatedRegistry` from which brokers are made.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -121,13 +122,25 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A registered stream: its name, its pool, the consumer groups that read it and
-    its registry's ``key_prefix``."""
+    """A registered stream: its name, its pool, the consumer groups that read it, its
+    registry's ``key_prefix`` and its retention limits.
+
+    ``max_length`` (events) and ``max_age`` (seconds) are None when not set: past a
+    limit, the oldest events are removed even if not every group acknowledged them
+    (see the README's "Retention limits").
+    """
 
     name: str
     pool: str
     groups: tuple[str, ...]
     key_prefix: str = ""
+    max_length: int | None = None
+    max_age: float | None = None
+
+    @property
+    def limited(self) -> bool:
+        """Whether the stream has a retention limit."""
+        return self.max_length is not None or self.max_age is not None
 
     @property
     def key(self) -> str:
@@ -140,7 +153,8 @@ class ValidatedRegistry:
     """An immutable, checked set of pools and streams; make brokers from it.
 
     Two validated registries are equal when they register the same pools (same
-    addresses) and the same streams with the same groups, under the same key prefix.
+    addresses) and the same streams with the same groups and retention limits, under
+    the same key prefix.
     """
 
     pools: Mapping[str, PoolSpec]
@@ -187,6 +201,9 @@ class _StreamEntry:
     groups: tuple[object, ...] | object
     origin: str | None
     group_origins: tuple[str, ...] = ()  # where each group is, when known
+    max_length: object = None
+    max_age: object = None
+    limit_origins: Mapping[str, str] = field(default_factory=dict)  # where each limit is
 
 
 class Registry:
@@ -221,11 +238,25 @@ class Registry:
         self._pools.append(_PoolEntry(pool, address, db, data_dir, None))
 
     def register_stream(
-        self, name: str, pool: str = DEFAULT_POOL, groups: Sequence[str] = ()
+        self,
+        name: str,
+        pool: str = DEFAULT_POOL,
+        groups: Sequence[str] = (),
+        *,
+        max_length: int | None = None,
+        max_age: float | None = None,
     ) -> None:
-        """Register the stream ``name`` in ``pool``, read by the consumer ``groups``."""
+        """Register the stream ``name`` in ``pool``, read by the consumer ``groups``.
+
+        ``max_length`` (events) and ``max_age`` (seconds) are retention limits: past
+        them the oldest events are removed even if not every group acknowledged them,
+        with a warning naming what each group lost. Without them, an event stays until
+        every group acknowledged it.
+        """
         groups_value: object = groups if isinstance(groups, str) else tuple(groups)
-        self._streams.append(_StreamEntry(name, pool, groups_value, None))
+        self._streams.append(
+            _StreamEntry(name, pool, groups_value, None, max_length=max_length, max_age=max_age)
+        )
 
     def validate(self) -> ValidatedRegistry:
         """Check every registration and return the immutable result.
@@ -290,7 +321,9 @@ class Registry:
                 assert isinstance(s.pool, str)
                 assert isinstance(s.groups, tuple)
                 groups = tuple(map(str, s.groups))
-                streams[s.name] = StreamSpec(s.name, s.pool, groups, prefix)
+                max_length = s.max_length if isinstance(s.max_length, int) else None
+                max_age = float(s.max_age) if isinstance(s.max_age, int | float) else None
+                streams[s.name] = StreamSpec(s.name, s.pool, groups, prefix, max_length, max_age)
         if problems:
             raise ConfigError(problems)
         return ValidatedRegistry(MappingProxyType(pools), MappingProxyType(streams), prefix)
@@ -360,6 +393,7 @@ def _check_stream(s: _StreamEntry, pools: set[str], bad_pools: set[str]) -> list
             problems.append(f"{where}stream {s.name}: {pool_problem}")
     elif s.pool not in pools:
         problems.append(f"{where}stream {s.name}: redis pool {s.pool} is not registered")
+    problems.extend(_check_limits(s))
     if not isinstance(s.groups, tuple):
         problems.append(
             f"{where}stream {s.name}: consumer groups must be a list of names, got {s.groups!r}"
@@ -378,6 +412,31 @@ def _check_stream(s: _StreamEntry, pools: set[str], bad_pools: set[str]) -> list
         if group in seen:
             problems.append(f"{at}stream {s.name}: consumer group {group} is listed twice")
         seen.add(group)
+    return problems
+
+
+#: The shortest ``max_age``: stream ids count milliseconds.
+MIN_MAX_AGE = 0.001
+
+
+def _check_limits(s: _StreamEntry) -> list[str]:
+    """The problems of a stream's retention limits, each with where it is (when known)."""
+    problems = []
+
+    def fail(limit: str, message: str) -> None:
+        origin = s.limit_origins.get(limit) or s.origin
+        problems.append(f"{origin + ': ' if origin else ''}stream {s.name}: {limit} {message}")
+
+    length = s.max_length
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
+        fail("max_length", f"must be a number of events (an integer >= 1), got {length!r}")
+    elif isinstance(length, int) and length < 1:
+        fail("max_length", f"must be at least 1 event, got {length}")
+    age = s.max_age
+    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float)):
+        fail("max_age", f"must be a number of seconds, got {age!r}")
+    elif isinstance(age, int | float) and not (MIN_MAX_AGE <= age < math.inf):
+        fail("max_age", f"must be at least {MIN_MAX_AGE} s (a millisecond) and finite, got {age}")
     return problems
 
 

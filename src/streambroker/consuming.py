@@ -59,7 +59,7 @@ from .errors import (
     ServerReplyError,
 )
 from .events import Event
-from .gc import collect_command, removed_count
+from .gc import collect_command, collected, stream_collect_command
 from .handing import (
     DIED_ON_LAST_DELIVERY,
     LAST_DELIVERY_MARK,
@@ -503,7 +503,12 @@ class ConsumerCore:
                 for key in self._uncollected:
                     source = self._sources[key]
                     if source.pool == pool:
-                        commands.append(("gc", key, collect_command(key, source.groups)))
+                        command = (
+                            stream_collect_command(source.spec)
+                            if key == source.spec.key
+                            else collect_command(key, source.groups)
+                        )
+                        commands.append(("gc", key, command))
         return commands
 
     def _collect_in(self, now: float) -> float | None:
@@ -728,12 +733,14 @@ class ConsumerCore:
                     self._sources[key].stream,
                 )
         elif kind == "gc":
-            self._uncollected.pop(key, None)
+            source = self._sources[key]
+            result = collected(source.pool, source.spec, source.groups, reply)
+            # A stream still past its limits stays due, and is collected again soon.
+            if not result.more:
+                self._uncollected.pop(key, None)
             self._collect_at = time.monotonic() + COLLECT_EVERY
-            if self.core.observer is not None and not isinstance(reply, ReplyError):
-                source = self._sources[key]
-                removed = removed_count(source.pool, source.stream, reply)
-                self.core.observer.collected(source.pool, source.stream, removed)
+            if self.core.observer is not None:
+                self.core.observer.collected(source.pool, source.stream, result.removed)
         elif kind == "renew" and not self._renewed(reply, read_at):
             raise LeaseLostError(
                 self.group,

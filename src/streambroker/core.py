@@ -98,6 +98,9 @@ class BrokerCore:
         self.observer: Observer | None = None
         #: Makes the spans of publishing and consuming, when set.
         self.tracing: Tracing | None = None
+        #: Per stream with retention limits: its events published since this broker's
+        #: publishers last collected it, and when they collect it next at the latest.
+        self.publisher_collects: dict[str, tuple[int, float]] = {}
 
     def add_handler(
         self,

@@ -2,23 +2,71 @@
 
 Every event is encoded, and checked against the limits (see :mod:`.wire`), when it
 is published or queued, so a refused event raises before anything is sent.
+
+Publishers keep a stream with retention limits within them even when no consumer
+runs: every :data:`COLLECT_EVERY_EVENTS` events of it that a broker publishes, and
+with its first event :data:`COLLECT_EVERY_SECONDS` after the last time, the collect
+script of :mod:`.gc` goes in the same round trip as the events. Streams without
+limits are published exactly as before.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._effects import Command, Op, Parallel, Send
+from ._effects import Command, Op, Parallel, ReplyError, Send, describe
+from .config import StreamSpec
 from .core import BrokerCore
 from .errors import BrokerError
+from .gc import collected, stream_collect_command
 from .wire import encode_fields
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-__all__ = ["BatchBuffer", "publish"]
+__all__ = ["COLLECT_EVERY_EVENTS", "COLLECT_EVERY_SECONDS", "BatchBuffer", "publish"]
+
+log = logging.getLogger("streambroker")
+
+#: A broker's publishers of a stream with retention limits collect it after this many
+#: of its events...
+COLLECT_EVERY_EVENTS = 100
+#: ...and with its first event this many seconds after they last did.
+COLLECT_EVERY_SECONDS = 1.0
+
+
+def _collect_due(core: BrokerCore, stream: str, events: int) -> bool:
+    """Count ``events`` published to the limited ``stream``; whether to collect it now."""
+    count, at = core.publisher_collects.get(stream, (0, 0.0))
+    now = time.monotonic()
+    if count + events >= COLLECT_EVERY_EVENTS or now >= at:
+        core.publisher_collects[stream] = (0, now + COLLECT_EVERY_SECONDS)
+        return True
+    core.publisher_collects[stream] = (count + events, at)
+    return False
+
+
+def _publisher_collected(core: BrokerCore, spec: StreamSpec, reply: Any) -> None:
+    """Take in the reply of a publisher's collection: the event was published whatever
+    it says, so a refused collection is a warning."""
+    try:
+        if collected(spec.pool, spec, spec.groups, reply).more:
+            core.publisher_collects[spec.name] = (COLLECT_EVERY_EVENTS, 0.0)  # again next time
+    except BrokerError as exc:
+        log.warning(
+            "stream %s: its publisher could not apply its retention limits: %s", spec.name, exc
+        )
+
+
+def _check_published(pool: str, commands: list[Command], replies: list[Any]) -> None:
+    """Raise for the first ``XADD`` refused among ``replies`` (sent with errors in place)."""
+    for command, reply in zip(commands, replies, strict=False):
+        if isinstance(reply, ReplyError):
+            raise reply.error(pool, describe(command))
 
 
 def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Command:
@@ -38,7 +86,13 @@ def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | 
 def _publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
     spec = core.stream(stream)
     command = _xadd(core, stream, body, meta)
-    (reply,) = yield Send(spec.pool, (command,))
+    if spec.limited and _collect_due(core, spec.name, 1):
+        collect = stream_collect_command(spec)
+        reply, collect_reply = yield Send(spec.pool, (command, collect), allow_errors=True)
+        _check_published(spec.pool, [command], [reply])
+        _publisher_collected(core, spec, collect_reply)
+    else:
+        (reply,) = yield Send(spec.pool, (command,))
     if core.observer is not None:
         core.observer.published(spec.pool, spec.name, 1)
     return reply.decode()  # type: ignore[no-any-return]
@@ -67,6 +121,7 @@ class BatchBuffer:
         self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
+        self._limited: Counter[str] = Counter()  # events queued per stream with limits
 
     def __len__(self) -> int:
         return len(self._commands)
@@ -81,11 +136,15 @@ class BatchBuffer:
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
         command = _xadd(self._core, stream, body, meta)
-        self._commands.append((self._core.registry.streams[stream].pool, stream, command))
+        spec = self._core.registry.streams[stream]
+        if spec.limited:
+            self._limited[stream] += 1
+        self._commands.append((spec.pool, stream, command))
 
     def discard(self, error: BaseException | None = None) -> None:
         """Drop the queued events unsent (the batch's block raised ``error``)."""
         self._commands.clear()
+        self._limited.clear()
         self._end_span([], error)
 
     def _end_span(self, ids: list[str], error: BaseException | None) -> None:
@@ -105,15 +164,36 @@ class BatchBuffer:
             raise
         self._end_span(ids, None)
         self._commands.clear()
+        self._limited.clear()
         self.ids.extend(ids)
         return ids
+
+    def _due_collections(self) -> dict[str, list[StreamSpec]]:
+        """Per pool, the limited streams of the batch its publisher collects now."""
+        core = self._core
+        due: dict[str, list[StreamSpec]] = {}
+        for stream, count in self._limited.items():
+            if _collect_due(core, stream, count):
+                spec = core.registry.streams[stream]
+                due.setdefault(spec.pool, []).append(spec)
+        return due
 
     def _send(self) -> Op[list[str]]:
         per_pool: dict[str, list[Command]] = {}
         for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
-        sends = [Send(pool, commands) for pool, commands in per_pool.items()]
+        collects = self._due_collections()
+        sends = []
+        for pool, commands in per_pool.items():
+            extra = [stream_collect_command(spec) for spec in collects.get(pool, ())]
+            sends.append(Send(pool, [*commands, *extra], allow_errors=bool(extra)))
         results = yield Parallel(sends)
+        for send, result in zip(sends, results, strict=True):
+            if send.allow_errors:
+                _check_published(send.pool, per_pool[send.pool], result)
+                sent = len(per_pool[send.pool])
+                for spec, reply in zip(collects[send.pool], result[sent:], strict=True):
+                    _publisher_collected(self._core, spec, reply)
         replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
         try:
             ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]

@@ -94,6 +94,9 @@ class StreamStats:
     orphan_groups: tuple[str, ...]
     #: Events ever added to the stream (None from servers older than Redis 7).
     entries_added: int | None = None
+    #: The stream's retention limits (events, seconds); None when not set.
+    max_length: int | None = None
+    max_age: float | None = None
     #: Bytes the stream takes on the server (``MEMORY USAGE``), read only when one of
     #: its groups is :attr:`~GroupStats.holding_back` it; None otherwise.
     memory: int | None = None
@@ -266,6 +269,8 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
             groups=(),
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
             entries_added=info.get("entries-added"),
+            max_length=core.registry.streams[plan.stream].max_length,
+            max_age=core.registry.streams[plan.stream].max_age,
         )
         drafts.append((stream, groups))
         second.append(_Plan(plan.stream, plan.key, plan.pool, plan.groups, follow_up))
