@@ -95,9 +95,13 @@ def role_rules(
         keys = [f"~{key}" for key in (*streams, *side, *leases)]
         return [*CONNECTING, *CONSUMER, *SCRIPTS, *keys]
     if role == "operator":
-        # EVAL declares its key writable, so the streams are not read-only patterns;
-        # the user's commands only read, and so does any script it runs.
-        keys = [f"~{s}" for s in streams] + [f"%R~{key}" for key in (*side, *leases)]
+        # A script's key must be writable, so the streams and dead letters are not
+        # read-only patterns; the user's commands only read, and so does any script it
+        # runs (the lag count, the listing of dead letters).
+        dead = [dead_letter_key(s, "*") for s in specs]  # listed by a script: ~ too
+        replays = [replay_key(s, "*") for s in specs]
+        keys = [f"~{key}" for key in (*streams, *dead)]
+        keys += [f"%R~{key}" for key in (*replays, *leases)]
         return [*CONNECTING, *OPERATOR, *SCRIPTS, *keys]
     raise ValueError(f"no role {role!r}")
 

@@ -1,6 +1,7 @@
 """Scripts sent by SHA1 (``EVALSHA``), on the real servers and both faces: a script the
-server lacks (first use, ``SCRIPT FLUSH``, a restart) is sent once more with its text,
-never inside a transaction; preloaded, they serve a user the ACL denies ``EVAL``."""
+server lacks goes out with its text in its own place (``SCRIPT EXISTS`` asks first); one
+it lost meanwhile (``SCRIPT FLUSH``, a restart) is sent once more with its text, never
+inside a transaction; preloaded, they serve a user the ACL denies ``EVAL``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import streambroker as sb
 from streambroker import _effects as fx
 from streambroker.delivery import ack_owned_command, touch_command
 from streambroker.gc import COLLECT_SCRIPT, collect_command
-from streambroker.keys import lease_key
 from streambroker.leases import renew_command
 
 from . import test_permissions
@@ -39,30 +39,35 @@ def face(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def test_a_missing_script_is_sent_again_with_its_text_once(server: Server, face: str) -> None:
+def test_a_missing_script_is_sent_with_its_text_in_its_place(server: Server, face: str) -> None:
     counting = ("EVALSHA", COUNTING.sha, 1, "runs")
-    unknown = ("EVALSHA", "0" * 40, 0)  # not one of ours: never sent again
+    unknown = ("EVALSHA", "0" * 40, 0)  # not one of ours: never sent with a text
 
     result = _run(
         face,
         server,
         [
-            fx.Send("default", [counting, ("INCR", "other"), counting], allow_errors=True),
+            # The server lacks it (SCRIPT EXISTS says so): EVAL in its own place, once.
+            fx.Send("default", [counting, ("INCR", "runs"), counting], allow_errors=True),
+            fx.Send("default", [("SCRIPT", "FLUSH")]),
+            # Flushed behind the broker's back: NOSCRIPT, then sent again with its text.
             fx.Send("default", [counting, unknown], allow_errors=True),
         ],
     )
 
     assert not isinstance(result, sb.BrokerError), result
-    assert result[0] == [1, 1, 2]
-    assert result[1][0] == 3
-    assert isinstance(result[1][1], fx.ReplyError)
-    assert "No matching script" in result[1][1].message
+    assert result[0] == [1, 2, 3]  # in order: the INCR between saw the first run
+    assert result[2][0] == 4
+    assert isinstance(result[2][1], fx.ReplyError)
+    assert "No matching script" in result[2][1].message
     client = server.client(4)
-    assert client.get("runs") == b"3"
+    assert client.get("runs") == b"4"
     assert client.script_exists(COUNTING.sha) == [True]
 
 
-def test_a_missing_script_in_a_transaction_is_not_sent_again(server: Server, face: str) -> None:
+def test_a_missing_script_in_a_transaction_runs_in_its_place_or_not_at_all(
+    server: Server, face: str
+) -> None:
     transaction = [
         ("MULTI",),
         ("SET", "applied", "1"),
@@ -70,14 +75,22 @@ def test_a_missing_script_in_a_transaction_is_not_sent_again(server: Server, fac
         ("EXEC",),
     ]
 
-    result = _run(face, server, [fx.Send("default", transaction, allow_errors=True)])
+    result = _run(
+        face,
+        server,
+        [
+            fx.Send("default", transaction, allow_errors=True),  # lacking it: EVAL in place
+            fx.Send("default", [("SCRIPT", "FLUSH")]),
+            fx.Send("default", transaction, allow_errors=True),  # flushed meanwhile
+        ],
+    )
 
     assert not isinstance(result, sb.BrokerError), result
-    (replies,) = result
-    applied, missing = replies[-1]
+    assert result[0][-1] == [b"OK", 1]
+    applied, missing = result[2][-1]
     assert applied == b"OK"
     assert isinstance(missing, rex.NoScriptError)
-    assert server.client(4).get("runs") is None  # neither run nor sent again
+    assert server.client(4).get("runs") == b"1"  # the second neither ran nor was sent again
 
 
 def test_the_missing_scripts_are_those_evalsha_replies_outside_a_transaction() -> None:
@@ -217,9 +230,10 @@ def test_a_user_without_eval_is_refused_the_scripts_not_loaded(
     error = raised_within(30, lambda: consumer.consume(lambda events: None, block=True))
 
     assert isinstance(error, sb.PoolPermissionError), repr(error)
+    # Its first script creates its group.
     assert (error.pool, error.command) == (
         "default",
-        f"script on {lease_key('', 'read-group-a', 'denied')}",
+        "cannot create consumer group 'read-group-a' of stream 'stream-a'",
     )
     assert "no permissions to run the 'eval' command" in str(error)
     assert {entry["object"] for entry in acl_log(server)} == {"eval"}
@@ -234,7 +248,9 @@ def test_a_refused_evalsha_names_the_scripts_key(
     error = raised_within(30, lambda: consumer.consume(lambda events: None, block=True))
 
     assert isinstance(error, sb.PoolPermissionError), repr(error)
-    assert error.command == f"script on {lease_key('', 'read-group-a', 'denied')}"
+    # Its first scripts went out as EVAL (the server lacked them); then as EVALSHA, the
+    # first of which reads its pending events.
+    assert error.command == "script on stream-a"
     assert "no permissions to run the 'evalsha' command" in str(error)
 
 

@@ -142,12 +142,13 @@ class LoadedScripts:
 
     def probe(self, send: Send) -> Command | None:
         """The ``SCRIPT EXISTS`` to send before ``send``, or None when not needed."""
-        if send.pool in self._unasked:
+        shas = _shas(send.commands)
+        if not shas or send.pool in self._unasked:
             return None
         held = self._held.get(send.pool)
         if held is None:
             return ("SCRIPT", "EXISTS", *_SCRIPTS)
-        unknown = [sha for sha in _shas(send.commands) if sha not in held]
+        unknown = [sha for sha in shas if sha not in held]
         return ("SCRIPT", "EXISTS", *unknown) if unknown else None
 
     def learn(self, pool: str, probe: Command, reply: Any) -> None:
