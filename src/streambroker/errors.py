@@ -9,6 +9,7 @@ __all__ = [
     "DecodeError",
     "EmbeddedServerError",
     "EncodeError",
+    "EntryTooLargeError",
     "InvalidArgumentError",
     "LeaseLostError",
     "OutOfMemoryError",

@@ -3,7 +3,7 @@
 
 Needs ``prometheus-client`` (``pip install streambroker[metrics]``)::
 
-    metrics = sb.Metrics()            # its own CollectorRegistry, or registry=...
+    metrics = Metrics()               # its own CollectorRegistry, or registry=...
     metrics.instrument(broker)        # count publishes, deliveries, handler time, GC
     metrics.watch(config)             # the stream and group figures, on scrape
 
