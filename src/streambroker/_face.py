@@ -74,8 +74,8 @@ class BrokerFace(Generic[DriverT]):
     publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
     refused before anything is sent, counting its encoded body and every meta tag's
     name and value; ``max_entry_size`` (bytes, default 8 MiB, and at least
-    ``max_body_size``; 64 bytes more are allowed for the reserved fields) above which an entry is never read: a consumer sets it
-    aside as a dead letter, unread, and ``read()`` raises :class:`EntryTooLargeError`
+    ``max_body_size``, with 64 bytes more allowed for the reserved fields) above which
+    an entry is never read: a consumer sets it aside as a dead letter, unread, and ``read()`` raises :class:`EntryTooLargeError`
     at it; ``socket_timeout`` and ``connect_timeout`` (seconds).
     """
 

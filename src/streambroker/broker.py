@@ -39,8 +39,9 @@ class Broker(BrokerFace[SyncDriver]):
     publishes; ``max_body_size`` (bytes, default 1 MiB) above which an event is
     refused before anything is sent, counting its encoded body and every meta tag's
     name and value; ``max_entry_size`` (bytes, default 8 MiB, at least
-    ``max_body_size``; 64 bytes more are allowed for the reserved fields) above which an entry of a stream is never read (consumers
-    set it aside as a dead letter, unread; :meth:`read` raises
+    ``max_body_size``, with 64 bytes more allowed for the reserved fields) above which
+    an entry of a stream is never read (consumers set it aside as a dead letter,
+    unread; :meth:`read` raises
     :class:`~streambroker.EntryTooLargeError` at it); ``socket_timeout`` and
     ``connect_timeout`` (seconds). Connections are opened on first use; :meth:`close`
     (or ``with``) closes them. A broker may be shared by threads.
