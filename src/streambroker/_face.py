@@ -75,8 +75,9 @@ class BrokerFace(Generic[DriverT]):
     refused before anything is sent, counting its encoded body and every meta tag's
     name and value; ``max_entry_size`` (bytes, default 8 MiB, and at least
     ``max_body_size``, with 64 bytes more allowed for the reserved fields) above which
-    an entry is never read: a consumer sets it aside as a dead letter, unread, and ``read()`` raises :class:`EntryTooLargeError`
-    at it; ``socket_timeout`` and ``connect_timeout`` (seconds).
+    an entry is never read: a consumer sets it aside as a dead letter, unread, and
+    ``read()`` raises :class:`EntryTooLargeError` at it; ``socket_timeout`` and
+    ``connect_timeout`` (seconds).
     """
 
     def __init__(self, registry: ValidatedRegistry, **options: Unpack[BrokerSettings]) -> None:
