@@ -89,6 +89,8 @@ def test_delete_group_removes_an_orphan_group_and_its_keys(
 ) -> None:
     client = server.client()
     broker.publish("stream-a", "x")
+    for group in ("read-group-a", "read-group-ab"):  # as their first consumers would
+        client.xgroup_create("stream-a", group, "0")
     client.xgroup_create("stream-a", "old-group", "0")
     client.xadd(dead_letter_key(_spec("stream-a"), "old-group"), {"$dead:error": "x"})
 

@@ -135,8 +135,10 @@ def test_error_messages_are_escaped_line_by_line() -> None:
 def test_claim_and_group_reset_errors_escape_consumer_names(
     project: Path, client: sb.Broker, server: Server
 ) -> None:
-    client.publish("stream-a", 1)  # creates the groups too
-    server.client().xreadgroup("read-group-a", HOSTILE, {"stream-a": ">"})
+    client.publish("stream-a", 1)
+    redis_client = server.client()
+    redis_client.xgroup_create("stream-a", "read-group-a", "0")  # publishing creates none
+    redis_client.xreadgroup("read-group-a", HOSTILE, {"stream-a": ">"})
 
     code, out, err = invoke("claim", "read-group-a", "ghost", "c2")
 

@@ -241,6 +241,8 @@ def test_group_delete_asks_first_and_keeps_registered_groups(
 ) -> None:
     redis_client = server.client()
     client.publish("stream-a", "x")
+    for group in ("read-group-a", "read-group-ab"):  # as their first consumers would
+        redis_client.xgroup_create("stream-a", group, "0")
     redis_client.xgroup_create("stream-a", "old-group", "0")
 
     def groups() -> list[bytes]:
@@ -368,12 +370,16 @@ def test_stats_watch_shows_a_header_and_rates(project: Path, client: sb.Broker) 
     def rate_seen(name: str) -> bool:
         return any(row[-1] not in ("-", "0.0") and float(row[-1]) > 0 for row in rows(name))
 
+    # Their first consumers create the groups, and the stream, before the watch starts.
+    consumers = {group: client.consumer(group) for group in ("read-group-a", "read-group-ab")}
+    for consumer in consumers.values():
+        consumer.consume(lambda events: None, block=False)
     with started([*CLI, "stats", "stream-a", "--watch", "--interval", "0.2"], project) as process:
         wait_for(lambda: len(rows("stream-a")) >= 2, 30, "two tables")
         for n in range(20):
             client.publish("stream-a", n)
         wait_for(lambda: rate_seen("stream-a"), 30, "a publishing rate")
-        client.consumer("read-group-a").consume(lambda events: None, block=False)
+        consumers["read-group-a"].consume(lambda events: None, block=False)
         wait_for(lambda: rate_seen("read-group-a"), 30, "an acknowledging rate")
         stop_cleanly(process, signal.SIGINT)
     out, err = output(project)

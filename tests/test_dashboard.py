@@ -265,7 +265,9 @@ def test_hostile_names_meta_bodies_and_errors_are_shown_as_text(
     consumer = seeded.consumer("read-group-a", "w", max_deliveries=1, **FAST)
     bury(consumer, lambda event: HOSTILE)
     key = seeded.registry.streams["stream-a"].key
-    server.client().xgroup_createconsumer(key, "read-group-ab", HOSTILE)
+    client = server.client()
+    client.xgroup_create(key, "read-group-ab", "0")  # as its first consumer would
+    client.xgroup_createconsumer(key, "read-group-ab", HOSTILE)
 
     page.goto(dashboard.url)
     hostile = page.locator("tr.consumer td.name", has_text="window.hacked")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
+from streambroker._effects import with_text
 from streambroker.keys import dead_letter_key
 from streambroker.sizes import entry_size, range_sizes_command
 
@@ -241,6 +242,7 @@ def test_a_reclaimed_huge_entry_becomes_a_dead_letter(
     last = broker.publish("s", "last")
     # A consumer that crashed holding them (only their ids were taken): nothing is new.
     client = server.client()
+    client.xgroup_create("s", "g", "0")  # as the crashed consumer did (publishing creates none)
     client.xgroup_createconsumer("s", "g", "crashed")
     client.xclaim("s", "g", "crashed", 0, [first, huge, last], justid=True, force=True)
     client.xgroup_setid("s", "g", "$")
@@ -324,7 +326,8 @@ def test_the_server_measures_entries_as_the_client_does(server: Server) -> None:
     ]
     ids = [client.xadd("s", entry) for entry in entries]
 
-    sizes = client.execute_command(*range_sizes_command("s", "-", 10))
+    # With its text: the server holds none of the broker's scripts yet.
+    sizes = client.execute_command(*with_text(range_sizes_command("s", "-", 10)))
 
     flat = [[word for pair in entry.items() for word in pair] for entry in entries]
     expected = [entry_size([w if isinstance(w, bytes) else w.encode() for w in f]) for f in flat]
