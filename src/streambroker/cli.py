@@ -351,15 +351,11 @@ def stats_table(
     """
     table = Table(box=box.SIMPLE_HEAD, caption=caption, show_edge=False, collapse_padding=True)
     table.add_column("stream/group/consumer", no_wrap=True)
-    table.add_column("length", justify="right")
-    table.add_column("oldest", justify="right")
-    table.add_column("lag", justify="right")
-    table.add_column("pending", justify="right")
-    table.add_column("dead", justify="right")
-    table.add_column("idle", justify="right")
-    table.add_column("alive")
+    for header in ("length", "oldest", "lag", "pending", "dead", "idle"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("alive", no_wrap=True)
     if rates is not None:
-        table.add_column("per s", justify="right")
+        table.add_column("per s", justify="right", no_wrap=True)
 
     def rate(key: str | tuple[str, str]) -> str:
         value = None if rates is None else rates.get(key)
@@ -425,6 +421,12 @@ def stats_rates(
                 acked = published - (group.lag - was.lag) - (group.pending - was.pending)
                 rates[(stream.stream, group.group)] = max(0, acked) / seconds
     return rates
+
+
+def _print_whole(console: Console, table: Table) -> None:
+    """Print ``table`` as wide as it needs: no figure or name is ever cut short (on a
+    narrower terminal, its lines wrap)."""
+    console.print(table, width=max(console.width, console.measure(table).maximum))
 
 
 def _warnings(streams: Sequence[StreamStats]) -> list[Text]:
@@ -511,7 +513,7 @@ def stats(
             _watch_table(render, interval, iterations)
         else:
             figures = broker.stats(*names)
-            _console().print(stats_table(figures))
+            _print_whole(_console(), stats_table(figures))
             for warning in _warnings(figures):
                 _console().print(warning)
 
@@ -1395,7 +1397,7 @@ def demo(
         for stream, handled in sorted(per_stream.items()):
             table.add_row(group, stream, str(result.published[stream]), str(handled))
     console.print(table)
-    console.print(stats_table(result.stats, "after the workers stopped"))
+    _print_whole(console, stats_table(result.stats, "after the workers stopped"))
     for stream, length in result.lengths.items():
         console.print(f"{stream}: {counted(length, 'event')} left")
 

@@ -111,7 +111,11 @@ def holding_back_warning(stream: StreamStats, group: GroupStats) -> str:
     """The warning that ``group`` holds events of ``stream`` back with no consumer running."""
     ages = [age for age in (group.oldest_unread_age, group.lowest_pending_age) if age is not None]
     oldest = f", the oldest {max(ages):.0f} s old" if ages else ""
-    memory = f"; the stream takes {stream.memory / 1048576:.1f} MiB" if stream.memory else ""
+    memory = ""
+    if stream.memory:
+        amount = stream.memory / 1048576
+        shown = f"{amount:.1f} MiB" if amount >= 1 else f"{stream.memory / 1024:.0f} KiB"
+        memory = f"; the stream takes {shown}"
     events = f"{group.held_back} event{'' if group.held_back == 1 else 's'}"
     return (
         f"consumer group {group.group} holds back {events} of stream {stream.stream}"
@@ -268,7 +272,8 @@ def collect_stats(core: BrokerCore, streams: Iterable[str]) -> Op[list[StreamSta
             oldest_event_age=_age(now_ms, first_entry[0] if first_entry else None),
             groups=(),
             orphan_groups=tuple(sorted(set(on_server) - set(plan.groups))),
-            entries_added=info.get("entries-added"),
+            # A stream that does not exist yet has had nothing added.
+            entries_added=info.get("entries-added", 0 if not info else None),
             max_length=core.registry.streams[plan.stream].max_length,
             max_age=core.registry.streams[plan.stream].max_age,
         )
