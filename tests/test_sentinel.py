@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import streambroker as sb
 from streambroker.cli import app
 
 from .conftest import OpenBroker, Server, free_port, wait_for
+from .faces import Loop, async_facade
 from .servers import SentinelSet
 
 FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
@@ -303,8 +305,12 @@ def test_wait_replicas_on_a_single_server(server: Server, open_broker: OpenBroke
 # -- a failover while a publisher and a consumer run --------------------------------------
 
 
-def test_failover_publisher_and_consumer_carry_on(sentinels: SentinelSet) -> None:
-    broker = registry(sentinels.url(), pool="east").broker(socket_timeout=5, connect_timeout=2)
+def test_failover_publisher_and_consumer_carry_on(
+    sentinels: SentinelSet, event_loop_thread: Loop
+) -> None:
+    config = registry(sentinels.url(), pool="east")
+    broker = config.broker(socket_timeout=5, connect_timeout=2)
+    async_broker = async_facade(config, event_loop_thread, socket_timeout=5)
     ok: dict[int, str] = {}  # sequence number -> id
     failed: Counter[str] = Counter()
     attempted: set[int] = set()
@@ -313,7 +319,8 @@ def test_failover_publisher_and_consumer_carry_on(sentinels: SentinelSet) -> Non
     switched = threading.Event()
     after_switch: list[int] = []
     errors: list[BaseException] = []
-    broker.publish("probe", "before")  # connected to the master before the failover
+    for face in (broker, async_broker):
+        face.publish("probe", "before")  # connected to the master before the failover
 
     def publish() -> None:
         n = 0
@@ -349,13 +356,13 @@ def test_failover_publisher_and_consumer_carry_on(sentinels: SentinelSet) -> Non
         wait_for(lambda: sentinels.master_address() != old, 20, "the sentinels to switch")
         switched.set()
         new_master = sentinels.master().client()
-        probes: list[str] = []
 
-        def probe_lands_on_new_master() -> bool:
-            probes.append(broker.publish("probe", "after"))
-            return bool(new_master.xrange("probe", probes[-1], probes[-1]))
+        def lands_on_new_master(face: sb.Broker) -> bool:
+            event_id = face.publish("probe", "after")
+            return bool(new_master.xrange("probe", event_id, event_id))
 
-        wait_for(probe_lands_on_new_master, 20, "a publish to reach the new master")
+        for face in (broker, async_broker):
+            wait_for(partial(lands_on_new_master, face), 20, "a publish to reach the new master")
         new_master.close()
         # Before the sentinels demote the old master: the broker moved by itself.
         old_node = next(node for node in sentinels.nodes if node.address == old)
@@ -378,6 +385,7 @@ def test_failover_publisher_and_consumer_carry_on(sentinels: SentinelSet) -> Non
         for thread in threads:
             thread.join(timeout=30)
         broker.close()
+        async_broker.close()
     assert not errors, errors
     assert not any(thread.is_alive() for thread in threads), "a thread hung"
     counts = Counter(handled)
