@@ -162,8 +162,8 @@ class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
         self._check = _MasterCheck()
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        if self._check.due():
-            self.get_master_address()  # type: ignore[no-untyped-call]  # closes the idle connections when it moved
+        if self._check.due():  # this closes the idle connections when the master moved
+            self.get_master_address()  # type: ignore[no-untyped-call]
         return super().get_connection(*args, **kwargs)
 
     def release(self, connection: Any) -> None:
