@@ -19,7 +19,7 @@ import pytest
 import streambroker as sb
 
 from .faces import Loop, async_facade
-from .servers import SERVER_KINDS, ServerProcess, free_port, server_binary
+from .servers import SERVER_KINDS, SentinelSet, ServerProcess, free_port, server_binary
 
 __all__ = ["Server", "free_port"]
 
@@ -90,6 +90,33 @@ def valkey(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory
 def redis_server(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
     """The flushed Debian redis-server."""
     return _started("redis", _servers, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def sentinel_set(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SentinelSet]:
+    """A master, a replica and three sentinels of each server kind in turn, shared by
+    the tests of a module (see :class:`SentinelSet`)."""
+    kind = request.param
+    sentinels = SentinelSet(
+        kind, _require_binary(kind), tmp_path_factory.mktemp(f"sentinel-{kind}")
+    )
+    try:
+        sentinels.start()
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+def sentinels(sentinel_set: SentinelSet) -> SentinelSet:
+    """:func:`sentinel_set` settled (the sentinels agree, the replica synced), its master
+    flushed."""
+    sentinel_set.wait_known()
+    sentinel_set.master().flush()
+    sentinel_set.wait_synced()
+    return sentinel_set
 
 
 #: The seed document's YAML, with the pool addresses left open.

@@ -55,8 +55,8 @@ class _Facade:
 class AsyncBrokerFacade(_Facade):
     """An :class:`sb.AsyncBroker` with the methods of :class:`sb.Broker`."""
 
-    def batch(self) -> AsyncBatchFacade:
-        return AsyncBatchFacade(self._inner.batch(), self._loop)
+    def batch(self, **options: Any) -> AsyncBatchFacade:
+        return AsyncBatchFacade(self._inner.batch(**options), self._loop)
 
     def consumer(self, group: str, name: str = "consumer-1", **options: Any) -> _Facade:
         return AsyncConsumerFacade(self._inner.consumer(group, name, **options), self._loop)

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = NO_PERSISTENCE
+    #: Arguments before the others: a configuration file (a sentinel needs one).
+    leading_args: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -72,6 +75,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [
                 self.binary,
+                *self.leading_args,
                 *self.listen_args(),
                 "--bind",
                 "127.0.0.1",
@@ -191,3 +195,173 @@ class TlsServerProcess(ServerProcess):
             ssl_certfile=certfile,
             ssl_keyfile=keyfile,
         )
+
+
+@dataclass
+class SentinelSet:
+    """A master, one replica and three sentinels watching them as ``service``, on
+    free loopback ports, without persistence, quick to notice a failure and to fail over.
+
+    The master and replica swap roles at each :meth:`failover`; :meth:`master` and
+    :meth:`replica` name the current ones.
+    """
+
+    kind: str
+    binary: str
+    directory: Path
+    service: str = "streams"
+    nodes: list[ServerProcess] = field(default_factory=list)
+    sentinels: list[ServerProcess] = field(default_factory=list)
+
+    @property
+    def hosts(self) -> str:
+        """The sentinels as the address form lists them: ``host:port,host:port,...``."""
+        return ",".join(sentinel.address for sentinel in self.sentinels)
+
+    def url(self, db: int = 0, scheme: str = "redis+sentinel") -> str:
+        """The sentinel address of the service's master, database ``db``."""
+        return f"{scheme}://{self.hosts}/{self.service}/{db}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the master, the replica (waiting until it synced), then the sentinels."""
+        sync = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        master = ServerProcess(self.kind, self.binary, self.directory / "node-a")
+        master.extra_args = (*NO_PERSISTENCE, *sync)
+        replica = ServerProcess(self.kind, self.binary, self.directory / "node-b")
+        replica.extra_args = (*NO_PERSISTENCE, *sync, "--replicaof", "127.0.0.1", str(master.port))
+        self.nodes = [master, replica]
+        for node in self.nodes:
+            node.start()
+        self.wait_synced(timeout)
+        for index in range(3):
+            directory = self.directory / f"sentinel-{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            sentinel = ServerProcess(self.kind, self.binary, directory)
+            conf = directory / "sentinel.conf"
+            conf.write_text(
+                f"sentinel monitor {self.service} 127.0.0.1 {master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 3000\n"
+                f"sentinel parallel-syncs {self.service} 1\n"
+            )
+            sentinel.extra_args = ("--sentinel",)
+            sentinel.leading_args = (str(conf),)
+            self.sentinels.append(sentinel)
+            sentinel.start()
+        self.wait_known(timeout)
+
+    def role(self, node: ServerProcess) -> str:
+        client = node.client()
+        try:
+            return str(client.info("replication")["role"])
+        finally:
+            client.close()
+
+    def master(self) -> ServerProcess:
+        """The node the sentinels name as the master."""
+        address = self.master_address()
+        return next(node for node in self.nodes if node.address == address)
+
+    def replica(self) -> ServerProcess:
+        """The node that is not the master."""
+        master = self.master()
+        return next(node for node in self.nodes if node is not master)
+
+    def master_address(self, sentinel: ServerProcess | None = None) -> str:
+        """``host:port`` of the master, as ``sentinel`` (default: the first) names it."""
+        client = (sentinel or self.sentinels[0]).client()
+        try:
+            host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        finally:
+            client.close()
+        return f"{host.decode()}:{port.decode()}"
+
+    def synced(self) -> bool:
+        """Whether one node is a master whose replica is connected and caught up."""
+        roles = {}
+        for node in self.nodes:
+            client = node.client()
+            try:
+                roles[node.port] = client.info("replication")
+            finally:
+                client.close()
+        masters = [info for info in roles.values() if info["role"] == "master"]
+        replicas = [info for info in roles.values() if info["role"] == "slave"]
+        if len(masters) != 1 or len(replicas) != 1:
+            return False
+        replica = replicas[0]
+        return bool(
+            replica.get("master_link_status") == "up"
+            and masters[0].get("connected_slaves") == 1
+            and replica.get("slave_repl_offset") == masters[0].get("master_repl_offset")
+        )
+
+    def wait_synced(self, timeout: float = 30.0) -> None:
+        """Wait until the replica is connected and caught up with the master."""
+        _wait(self.synced, timeout, "the replica to sync")
+
+    def known(self) -> bool:
+        """Whether every sentinel names the same master, which is the master, and knows
+        the replica and the other sentinels."""
+        try:
+            master = self.master_address()
+            for sentinel in self.sentinels:
+                client = sentinel.client()
+                try:
+                    state = client.sentinel_master(self.service)
+                    replicas = client.sentinel_slaves(self.service)
+                finally:
+                    client.close()
+                if (
+                    self.master_address(sentinel) != master
+                    or state["num-other-sentinels"] != len(self.sentinels) - 1
+                    or not any(
+                        not r["is_sdown"] and r.get("master-link-status") == "ok" for r in replicas
+                    )
+                ):
+                    return False
+            node = next(node for node in self.nodes if node.address == master)
+            return self.role(node) == "master"
+        except (redis.RedisError, StopIteration):
+            return False
+
+    def wait_known(self, timeout: float = 30.0) -> None:
+        """Wait until every sentinel agrees on the master and sees the replica up."""
+        _wait(self.known, timeout, "the sentinels to agree")
+
+    def failover(self, timeout: float = 30.0) -> str:
+        """Ask a sentinel to fail over now (``SENTINEL FAILOVER``), without waiting for the
+        switch (see :meth:`wait_switched`); returns the address of the master until now."""
+        old = self.master_address()
+        client = self.sentinels[0].client()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.execute_command("SENTINEL", "FAILOVER", self.service)
+                    return old
+                except redis.ResponseError as exc:  # NOGOODSLAVE, INPROG: not ready yet
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"SENTINEL FAILOVER refused: {exc}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def wait_switched(self, old: str, timeout: float = 30.0) -> None:
+        """Wait until the sentinels agree on a master other than ``old`` and the old one
+        is its synced replica."""
+        _wait(lambda: self.master_address() != old and self.known(), timeout, "the failover")
+        self.wait_synced(timeout)
+
+    def stop(self) -> None:
+        """Stop every process."""
+        for process in [*self.sentinels, *self.nodes]:
+            process.stop()
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)

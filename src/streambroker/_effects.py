@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import hiredis
+import redis.asyncio.sentinel
 import redis.exceptions as rex
+import redis.sentinel
 
 from .errors import (
     BrokerError,
@@ -250,6 +252,10 @@ _SCRIPT_ACL_FAILURES = ("ACL failure in script", "The user executing the script 
 #: The kinds of error replies the broker tells apart (:attr:`ReplyError.code`).
 OOM = "OOM"
 NOPERM = "NOPERM"
+READONLY = "READONLY"
+UNBLOCKED = "UNBLOCKED"
+#: What a command blocked on a master that turns replica gets (Redis and Valkey alike).
+_TURNED_REPLICA = ("UNBLOCKED", "instance state changed")
 
 
 @dataclass(slots=True)
@@ -257,7 +263,10 @@ class ReplyError:
     """An error reply from the server, returned in place when ``allow_errors`` is set.
 
     ``message`` is the server's text; ``code`` is :data:`OOM` (out of memory),
-    :data:`NOPERM` (the ACL refused the command, or a command of a script), or empty.
+    :data:`NOPERM` (the ACL refused the command, or a command of a script),
+    :data:`READONLY` (the server is a replica: its master was switched),
+    :data:`UNBLOCKED` (a blocking command was cut short as its master turned
+    replica), or empty.
     """
 
     message: str
@@ -271,12 +280,22 @@ class ReplyError:
             return cls(message, OOM)
         if isinstance(exc, rex.NoPermissionError) or message.startswith(_SCRIPT_ACL_FAILURES):
             return cls(message, NOPERM)
+        if isinstance(exc, rex.ReadOnlyError):
+            return cls(message, READONLY)
+        if message.startswith(_TURNED_REPLICA[0]) and _TURNED_REPLICA[1] in message:
+            return cls(message, UNBLOCKED)
         return cls(message)
 
     @property
     def out_of_memory(self) -> bool:
         """Whether the server refused for want of memory (``maxmemory`` reached)."""
         return self.code == OOM
+
+    @property
+    def switched(self) -> bool:
+        """Whether the server turned replica: the reply says nothing of the command, the
+        connection is to the wrong server."""
+        return self.code in (READONLY, UNBLOCKED)
 
     @property
     def denied(self) -> bool:
@@ -290,7 +309,19 @@ class ReplyError:
             return OutOfMemoryError(pool, what)
         if self.denied:
             return PoolPermissionError(pool, self.message, what)
+        if self.switched:
+            reason = _DEMOTED if self.code == READONLY else self.message
+            return PoolConnectionError(pool, f"{what}: {reason}" if what else reason)
         return ServerReplyError(pool, f"{what}: {self.message}" if what else self.message)
+
+
+#: Why a write met a replica: not a fault of the command, and nothing was written.
+_DEMOTED = (
+    "the server is a read-only replica (its master was switched, as in a failover): "
+    "the command was not run"
+)
+_MASTER_NOT_FOUND = (redis.sentinel.MasterNotFoundError, redis.asyncio.sentinel.MasterNotFoundError)
+_NO_MASTER = "no sentinel names a master of the pool's service (is a failover under way?)"
 
 
 def translate_error(exc: rex.RedisError, pool: str, connecting_tls: bool = False) -> BrokerError:
@@ -299,6 +330,8 @@ def translate_error(exc: rex.RedisError, pool: str, connecting_tls: bool = False
     if isinstance(exc, rex.ResponseError):
         return ReplyError.of(exc).error(pool)
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, _MASTER_NOT_FOUND):
+        return PoolConnectionError(pool, f"{_NO_MASTER}: {text}")
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
         return PoolAuthenticationError(pool, text)
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
@@ -400,12 +433,13 @@ def settle(send: Send, replies: list[Any]) -> list[Any]:
     """The replies to ``send``, read in order with error replies in place (redis-py's
     ``ResponseError``): those become :class:`ReplyError` with ``allow_errors``; without,
     the first one raises its :meth:`ReplyError.error`, naming the command (after every
-    reply was read, so the connection stays usable).
+    reply was read, so the connection stays usable). A ``READONLY`` or ``UNBLOCKED``
+    reply (the server is a replica now) always raises, as a :class:`PoolConnectionError`.
     """
     for index, reply in enumerate(replies):
         if isinstance(reply, rex.ResponseError):
             error = ReplyError.of(reply)
-            if not send.allow_errors:
+            if not send.allow_errors or error.switched:
                 raise error.error(send.pool, describe(send.commands[index])) from reply
             replies[index] = error
     return replies

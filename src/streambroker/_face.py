@@ -10,7 +10,7 @@ from .connection import ConnectionOptions
 from .consuming import ConsumerCore, ConsumerOptions, check_count
 from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore, HandlerSpec
 from .errors import InvalidArgumentError, UnknownGroupError
-from .publishing import BatchBuffer
+from .publishing import BatchBuffer, Replication, replication
 from .routes import Route
 
 __all__ = [
@@ -171,6 +171,9 @@ class BrokerFace(Generic[DriverT]):
 
         return register
 
+    def _replication(self, replicas: object, timeout: object) -> Replication | None:
+        return replication(replicas, timeout, self._connection.socket_timeout)
+
     def _consumer_options(
         self, group: str, name: str, options: Mapping[str, Any]
     ) -> ConsumerOptions:
@@ -190,8 +193,8 @@ class BrokerFace(Generic[DriverT]):
 class BatchFace:
     """A batch's queue of encoded events; the faces add the sending."""
 
-    def __init__(self, face: BrokerFace[Any]) -> None:
-        self._buffer = BatchBuffer(face._core)
+    def __init__(self, face: BrokerFace[Any], wait: Replication | None = None) -> None:
+        self._buffer = BatchBuffer(face._core, wait)
 
     @property
     def ids(self) -> list[str]:

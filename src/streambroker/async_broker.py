@@ -20,7 +20,7 @@ from .config import ValidatedRegistry
 from .connection import ConnectionOptions
 from .deadletters import DeadLetter
 from .events import Event
-from .publishing import publish
+from .publishing import Replication, publish
 from .stats import GroupStats, StreamStats
 
 __all__ = ["AsyncBatch", "AsyncBroker", "AsyncConsumer", "AsyncHandler"]
@@ -42,14 +42,23 @@ class AsyncBroker(BrokerFace[AsyncDriver]):
         return AsyncDriver(registry, connection)
 
     async def publish(
-        self, stream: str, body: Any = None, meta: Mapping[str, str] | None = None
+        self,
+        stream: str,
+        body: Any = None,
+        meta: Mapping[str, str] | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> str:
-        """Publish one event; returns its id (as :meth:`Broker.publish`)."""
-        return await self._driver.run(publish(self._core, stream, body, meta))
+        """Publish one event; returns its id (as :meth:`Broker.publish`, with the same
+        ``wait_replicas`` and ``wait_timeout``)."""
+        wait = self._replication(wait_replicas, wait_timeout)
+        return await self._driver.run(publish(self._core, stream, body, meta, wait))
 
-    def batch(self) -> AsyncBatch:
-        """A batch sent when its ``async with`` block ends."""
-        return AsyncBatch(self)
+    def batch(self, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> AsyncBatch:
+        """A batch sent when its ``async with`` block ends (``wait_replicas``,
+        ``wait_timeout``: as for :meth:`Broker.publish`, for each pool's events)."""
+        return AsyncBatch(self, self._replication(wait_replicas, wait_timeout))
 
     async def read(
         self, stream: str, after: str = "0", *, count: int = 100, block: float | None = None
@@ -144,8 +153,8 @@ class AsyncBatch(BatchFace):
     ``publish`` queues without waiting; nothing is sent if the block raises.
     """
 
-    def __init__(self, broker: AsyncBroker) -> None:
-        super().__init__(broker)
+    def __init__(self, broker: AsyncBroker, wait: Replication | None = None) -> None:
+        super().__init__(broker, wait)
         self._driver = broker._driver
 
     async def flush(self) -> list[str]:

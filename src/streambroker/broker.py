@@ -21,7 +21,7 @@ from .config import ValidatedRegistry
 from .connection import ConnectionOptions
 from .deadletters import DeadLetter
 from .events import Event
-from .publishing import publish
+from .publishing import Replication, publish
 from .stats import GroupStats, StreamStats
 
 __all__ = ["Batch", "Broker", "Consumer", "Handler"]
@@ -52,17 +52,31 @@ class Broker(BrokerFace[SyncDriver]):
     ) -> SyncDriver:
         return SyncDriver(registry, connection)
 
-    def publish(self, stream: str, body: Any = None, meta: Mapping[str, str] | None = None) -> str:
+    def publish(
+        self,
+        stream: str,
+        body: Any = None,
+        meta: Mapping[str, str] | None = None,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+    ) -> str:
         """Publish one event to ``stream``; returns its id (e.g. ``"1518951480106-0"``).
 
         ``body`` is any value the codec encodes (built-ins, dataclasses, msgspec Structs,
         pydantic models) or None; ``meta`` maps tag names to string values.
+        With ``wait_replicas=N``, the same round trip waits (``WAIT``) until ``N`` replicas
+        acknowledged the event, ``wait_timeout`` seconds at most (default 1), and raises
+        :class:`~streambroker.ReplicationError` when fewer did: the event is on the master
+        but a failover may lose it.
         """
-        return self._driver.run(publish(self._core, stream, body, meta))
+        wait = self._replication(wait_replicas, wait_timeout)
+        return self._driver.run(publish(self._core, stream, body, meta, wait))
 
-    def batch(self) -> Batch:
-        """A batch of events sent together when its ``with`` block ends."""
-        return Batch(self)
+    def batch(self, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> Batch:
+        """A batch of events sent together when its ``with`` block ends (``wait_replicas``
+        and ``wait_timeout``: as for :meth:`publish`, for each pool's events)."""
+        return Batch(self, self._replication(wait_replicas, wait_timeout))
 
     def read(
         self, stream: str, after: str = "0", *, count: int = 100, block: float | None = None
@@ -203,8 +217,8 @@ class Batch(BatchFace):
     raises, nothing is sent. :attr:`ids` then lists the ids in publish order.
     """
 
-    def __init__(self, broker: Broker) -> None:
-        super().__init__(broker)
+    def __init__(self, broker: Broker, wait: Replication | None = None) -> None:
+        super().__init__(broker, wait)
         self._driver = broker._driver
 
     def flush(self) -> list[str]:

@@ -41,6 +41,7 @@ MAX_NAME_LENGTH = 128
 
 _BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f*?\[\]]")
 _URL_SCHEMES = ("redis", "rediss", "unix")
+_SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\s]+)):(?P<port>[^:]+)(?::(?P<db>.*))?")
 
 
@@ -75,17 +76,22 @@ class PoolSpec:
     """Where one named Redis pool lives.
 
     ``kind`` is ``"tcp"`` (``host:port`` with ``db``), ``"url"`` (a ``redis://``,
-    ``rediss://`` or ``unix://`` URL, which may carry credentials) or ``"embedded"``
-    (the bundled server under ``data_dir``).
+    ``rediss://`` or ``unix://`` URL, which may carry credentials), ``"sentinel"`` (a
+    ``redis+sentinel://`` or ``rediss+sentinel://`` URL: the master of the Sentinel
+    ``service``, found through the ``sentinels``) or ``"embedded"`` (the bundled server
+    under ``data_dir``).
     """
 
     name: str
-    kind: Literal["tcp", "url", "embedded"]
+    kind: Literal["tcp", "url", "sentinel", "embedded"]
     db: int = 0
     host: str | None = None
     port: int | None = None
     url: str | None = field(default=None, repr=False)
     data_dir: str | None = None
+    #: The Sentinel service whose master this pool is, and its sentinels (host, port).
+    service: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
     #: Why TLS certificates or host names of this pool are not checked, when they are not.
     tls_warning: str | None = field(default=None, repr=False, compare=False)
 
@@ -96,6 +102,8 @@ class PoolSpec:
             return str(self.host)
         if self.kind == "embedded":
             return f"{self.data_dir}/valkey.sock"
+        if self.kind == "sentinel":
+            return self.sentinels[0][0]
         assert self.url is not None
         parts = urlsplit(self.url)
         return parts.hostname or parts.path
@@ -113,8 +121,9 @@ class PoolSpec:
 
     @property
     def tls(self) -> bool:
-        """Whether the pool's connections use TLS (a ``rediss://`` URL)."""
-        return self.kind == "url" and self.url is not None and self.url.startswith("rediss://")
+        """Whether the pool's connections use TLS (a ``rediss://`` or ``rediss+sentinel://``
+        URL)."""
+        return self.url is not None and self.url.startswith(("rediss://", "rediss+sentinel://"))
 
     def __repr__(self) -> str:
         return f"PoolSpec(name={self.name!r}, address={self.display_address!r})"
@@ -474,11 +483,13 @@ def _parse_address(pool: str, address: object, db: object, data_dir: object) -> 
     if data_dir is not None:
         raise ValueError("data_dir applies only to the embedded server")
     scheme = address.partition("://")[0]
+    if scheme in _SENTINEL_SCHEMES:
+        return _parse_sentinel(pool, address, db)
     if "://" in address:
         if scheme not in _URL_SCHEMES:
             raise ValueError(
                 f"cannot parse address {_mask_url(address)!r}: the URL scheme must be one "
-                f"of {', '.join(_URL_SCHEMES)}"
+                f"of {', '.join(_URL_SCHEMES + _SENTINEL_SCHEMES)}"
             )
         url_db, tls_warning = _check_url(address)
         if db is not None and url_db is not None and db != url_db:
@@ -523,6 +534,65 @@ def _check_url(url: str) -> tuple[int | None, str | None]:
     return url_db, tls_warning
 
 
+def _parse_sentinel(pool: str, url: str, db: object) -> PoolSpec:
+    """A ``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]`` URL."""
+    shown = _mask_url(url)
+    scheme, _, rest = url.partition("://")
+    rest, _, query_text = rest.partition("?")
+    if "#" in url or "@" in query_text:
+        raise ValueError(
+            f"the URL {shown!r} holds '#', or '@' after its hosts: write '/', '?', '#' and '@' "
+            "in a user name or password as %2F, %3F, %23 and %40"
+        )
+    userinfo, _, rest = rest.rpartition("@")
+    if any(c in userinfo for c in "/?"):
+        raise ValueError(f"the URL {shown!r}: write '/' and '?' in a password as %2F and %3F")
+    hosts, _, path = rest.partition("/")
+    sentinels = tuple(_parse_sentinel_host(host, shown) for host in hosts.split(","))
+    service, _, db_text = path.partition("/")
+    service = unquote_plus(service)
+    if not service:
+        raise ValueError(
+            f"the URL {shown!r} names no Sentinel service: "
+            f"{scheme}://host:port[,host:port...]/SERVICE[/DB]"
+        )
+    problem = check_name("sentinel service", service)
+    if problem:
+        raise ValueError(problem)
+    if "/" in db_text:
+        raise ValueError(f"the URL {shown!r} holds more than /SERVICE/DB in its path")
+    query = _check_query(scheme, query_text)
+    url_db = _parse_int(db_text, "db", 0) if db_text else None
+    query_db = _parse_int(query["db"], "db", 0) if "db" in query else None
+    if url_db is not None and query_db is not None and url_db != query_db:
+        raise ValueError(f"the URL selects db {url_db} in its path but db={query_db} in its query")
+    url_db = url_db if url_db is not None else query_db
+    if db is not None and url_db is not None and db != url_db:
+        raise ValueError(f"the URL selects db {url_db} but db={db} was given")
+    chosen = url_db if url_db is not None else db
+    assert chosen is None or isinstance(chosen, int)
+    return PoolSpec(
+        pool,
+        "sentinel",
+        db=chosen or 0,
+        url=url,
+        service=service,
+        sentinels=sentinels,
+        tls_warning=_tls_warning(query),
+    )
+
+
+def _parse_sentinel_host(text: str, shown: str) -> tuple[str, int]:
+    match = _HOST_PORT.fullmatch(text)
+    if not match or match.group("db") is not None:
+        raise ValueError(
+            f"the URL {shown!r}: cannot parse sentinel {text!r}: expected host:port "
+            "(sentinels separated by commas)"
+        )
+    host = match.group("v6") or match.group("host")
+    return host, _parse_int(match.group("port"), "sentinel port", 1, 65535)
+
+
 def _check_seconds(value: str) -> str | None:
     try:
         seconds = float(value)
@@ -553,7 +623,7 @@ def _check_text(value: str) -> str | None:
 _FALSE = ("false", "no", "0")
 _BOOLEANS = ("true", "yes", "1", *_FALSE)
 _CERT_REQS = ("none", "optional", "required")
-_SECRET_PARAMETERS = ("password", "ssl_password")
+_SECRET_PARAMETERS = ("password", "ssl_password", "sentinel_password")
 _Check = Callable[[str], str | None]
 #: The URL query parameters a pool accepts, each with its check; the TLS ones need rediss://.
 _URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
@@ -565,6 +635,10 @@ _URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
         "socket_timeout": _check_seconds,
         "socket_connect_timeout": _check_seconds,
     }
+)
+#: The parameters of the sentinels themselves, in ``redis+sentinel://`` URLs only.
+_SENTINEL_URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
+    {"sentinel_username": _check_text, "sentinel_password": _check_text}
 )
 _TLS_URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
     {
@@ -579,11 +653,16 @@ _TLS_URL_PARAMETERS: Mapping[str, _Check] = MappingProxyType(
 )
 
 
+_KNOWN_PARAMETERS = (_URL_PARAMETERS, _SENTINEL_URL_PARAMETERS, _TLS_URL_PARAMETERS)
+
+
 def _check_query(scheme: str, query: str) -> dict[str, str]:
     """The parameters of a URL's query, each checked; a bad one raises naming it."""
     values: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         check = _URL_PARAMETERS.get(name) or _TLS_URL_PARAMETERS.get(name)
+        if scheme in _SENTINEL_SCHEMES:
+            check = check or _SENTINEL_URL_PARAMETERS.get(name)
         if check is None and any(secret in values for secret in _SECRET_PARAMETERS):
             # It may be the rest of a password holding '&': do not name it.
             raise ValueError(
@@ -591,10 +670,13 @@ def _check_query(scheme: str, query: str) -> dict[str, str]:
                 "(write '&' in a password as %26)"
             )
         if check is None:
-            accepted = ", ".join([*_URL_PARAMETERS, *_TLS_URL_PARAMETERS])
+            sentinel = [*_SENTINEL_URL_PARAMETERS] if scheme in _SENTINEL_SCHEMES else []
+            accepted = ", ".join([*_URL_PARAMETERS, *sentinel, *_TLS_URL_PARAMETERS])
             raise ValueError(f"the URL parameter {name!r} is not accepted (accepted: {accepted})")
-        if name in _TLS_URL_PARAMETERS and scheme != "rediss":
-            raise ValueError(f"the URL parameter {name!r} applies only to rediss:// URLs")
+        if name in _TLS_URL_PARAMETERS and scheme not in ("rediss", "rediss+sentinel"):
+            raise ValueError(
+                f"the URL parameter {name!r} applies only to rediss:// and rediss+sentinel:// URLs"
+            )
         if name in values:
             raise ValueError(f"the URL parameter {name!r} is given twice")
         if not value:
@@ -671,7 +753,7 @@ def _mask_url(url: str) -> str:
         if name.lower() in _SECRET_PARAMETERS:
             in_secret = True
             masked.append(f"{part.partition('=')[0]}=***")
-        elif not (in_secret and name not in _URL_PARAMETERS and name not in _TLS_URL_PARAMETERS):
+        elif not (in_secret and not any(name in known for known in _KNOWN_PARAMETERS)):
             in_secret = False
             masked.append(part)
     return (

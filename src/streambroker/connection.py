@@ -6,6 +6,11 @@ and read the raw RESP2 replies, which the I/O-free core parses itself, the same 
 for the sync and async faces. Nothing is retried behind the caller's back (a re-sent
 XADD could publish twice): the caller sees the failure, and consumers retry with
 back-off and a log line themselves.
+
+A Sentinel pool's connections go to the master the sentinels name: they are asked
+when a connection opens, and at least every :data:`MASTER_CHECK_INTERVAL` seconds
+while the pool is used, so that connections to a master that was switched are
+closed (each goes to the new master next) instead of writing to a demoted one.
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis._parsers import _AsyncHiredisParser, _HiredisParser
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from ._effects import ReplyTooLargeError, Send
@@ -28,6 +38,7 @@ from .config import PoolSpec
 from .embedded import EmbeddedServer
 
 __all__ = [
+    "MASTER_CHECK_INTERVAL",
     "ConnectionOptions",
     "ReplyBudget",
     "async_client",
@@ -37,6 +48,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("streambroker")
+
+#: The longest a Sentinel pool goes on using connections without asking the sentinels
+#: where the master is (seconds).
+MASTER_CHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +180,7 @@ ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 
 
 def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
-    if spec.kind == "url":
+    if spec.kind in ("url", "sentinel"):
         assert spec.url is not None
         if spec.tls_warning:
             log.warning(
@@ -174,8 +189,127 @@ def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> Clien
                 spec.display_address,
                 spec.tls_warning,
             )
+    if spec.kind == "sentinel":
+        return _master_client(cls, spec, kwargs)
+    if spec.kind == "url":
+        assert spec.url is not None
         return cls.from_url(spec.url, **kwargs)
     return cls(**kwargs)
+
+
+def _sentinel_kwargs(
+    spec: PoolSpec, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments of the master's connections and of the sentinels'.
+
+    The URL's parameters are read by redis-py itself (as for a ``redis://`` URL) and
+    win over ``kwargs``; the sentinels take the same timeouts, name and TLS options, with
+    their own credentials.
+    """
+    assert spec.url is not None
+    rest = spec.url.partition("://")[2]
+    rest, _, query = rest.partition("?")
+    userinfo, at, _ = rest.rpartition("@")
+    parameters = dict(parse_qsl(query, keep_blank_values=True))
+    sentinel_auth = {
+        "username": parameters.pop("sentinel_username", None),
+        "password": parameters.pop("sentinel_password", None),
+    }
+    scheme = "rediss" if spec.tls else "redis"
+    url = f"{scheme}://{userinfo}{at}sentinel?{urlencode(parameters)}"
+    parsed: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    del parsed["host"]
+    parsed.pop("connection_class", None)  # the pool picks the class
+    master = {**kwargs, **parsed, "ssl": spec.tls}
+    shared = {k: v for k, v in master.items() if k not in ("db", "username", "password")}
+    return master, {**shared, **sentinel_auth}
+
+
+class _MasterCheck:
+    """When a Sentinel pool asks the sentinels where its master is, besides on connecting."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def due(self) -> bool:
+        """Whether it is time to ask (it then counts as asked)."""
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + MASTER_CHECK_INTERVAL
+        return True
+
+
+def _elsewhere(pool: Any, connection: Any) -> bool:
+    """Whether ``connection`` of a Sentinel ``pool`` is open to another server than the
+    master it knows (a master that was switched)."""
+    master = pool.master_address
+    return master is not None and (connection.host, connection.port) != tuple(master)
+
+
+class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
+    """The connections to a Sentinel service's master, checked as the module says."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._check = _MasterCheck()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._check.due():  # this closes the idle connections when the master moved
+            self.get_master_address()  # type: ignore[no-untyped-call]
+        return super().get_connection(*args, **kwargs)
+
+    def release(self, connection: Any) -> None:
+        if _elsewhere(self, connection):
+            connection.disconnect()
+        super().release(connection)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:  # the client is closed: so are the sentinels' connections
+            self.sentinel_manager.close()
+
+
+class _AsyncMasterPool(redis.asyncio.sentinel.SentinelConnectionPool):
+    """The asyncio connections to a Sentinel service's master (as :class:`_SyncMasterPool`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._check = _MasterCheck()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._check.due():
+            await self.get_master_address()  # type: ignore[no-untyped-call]
+        return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    async def release(self, connection: Any) -> None:
+        if _elsewhere(self, connection):
+            await connection.disconnect()
+        await super().release(connection)
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            await self.sentinel_manager.aclose()
+
+
+def _master_client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
+    master, sentinel = _sentinel_kwargs(spec, kwargs)
+    assert spec.service is not None
+    if cls is redis.Redis:
+        manager: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(spec.sentinels), sentinel_kwargs=sentinel
+        )
+        pool_class: type = _SyncMasterPool
+    else:
+        manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(spec.sentinels), sentinel_kwargs=sentinel
+        )
+        pool_class = _AsyncMasterPool
+    client: ClientT = manager.master_for(
+        spec.service, redis_class=cls, connection_pool_class=pool_class, **master
+    )
+    return client
 
 
 def sync_client(spec: PoolSpec, options: ConnectionOptions) -> redis.Redis:

@@ -19,6 +19,7 @@ __all__ = [
     "PoolConnectionError",
     "PoolError",
     "PoolPermissionError",
+    "ReplicationError",
     "ServerReplyError",
     "UnknownGroupError",
     "UnknownStreamError",
@@ -142,6 +143,29 @@ class PoolPermissionError(PoolAuthenticationError):
     def __init__(self, pool: str, message: str, command: str = "") -> None:
         self.command = command
         super().__init__(pool, f"{command}: {message}" if command else message)
+
+
+class ReplicationError(PoolError):
+    """Fewer replicas than asked (``wait_replicas``) acknowledged events in time.
+
+    The events were written to the pool's master (``ids`` lists them), but a failover
+    before they reach a replica may lose them. Publishing them again may store them twice.
+    ``acknowledged`` replicas acknowledged them, of the ``wanted`` asked for.
+    """
+
+    def __init__(
+        self, pool: str, ids: list[str], acknowledged: int, wanted: int, timeout: float
+    ) -> None:
+        self.ids = ids
+        self.acknowledged = acknowledged
+        self.wanted = wanted
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        what = f"event {shown} was" if len(ids) == 1 else f"{len(ids)} events ({shown}) were"
+        super().__init__(
+            pool,
+            f"{what} written to the master, but {acknowledged} of the {wanted} replicas "
+            f"asked for acknowledged within {timeout:g} s: a failover may lose them",
+        )
 
 
 class ServerReplyError(PoolError):

@@ -16,19 +16,27 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._effects import Command, Op, Parallel, ReplyError, Send, describe
 from .config import StreamSpec
 from .core import BrokerCore
-from .errors import BrokerError
+from .errors import BrokerError, InvalidArgumentError, ReplicationError
 from .gc import collected, stream_collect_command
 from .wire import encode_fields
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-__all__ = ["COLLECT_EVERY_EVENTS", "COLLECT_EVERY_SECONDS", "BatchBuffer", "publish"]
+__all__ = [
+    "COLLECT_EVERY_EVENTS",
+    "COLLECT_EVERY_SECONDS",
+    "BatchBuffer",
+    "Replication",
+    "publish",
+    "replication",
+]
 
 log = logging.getLogger("streambroker")
 
@@ -69,6 +77,42 @@ def _check_published(pool: str, commands: list[Command], replies: list[Any]) -> 
             raise reply.error(pool, describe(command))
 
 
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """Wait until ``replicas`` replicas acknowledged the writes, ``timeout`` seconds at
+    most (``WAIT``, sent in the same round trip as the writes)."""
+
+    replicas: int
+    timeout: float
+
+    @property
+    def command(self) -> Command:
+        """The ``WAIT`` command (its timeout in milliseconds, never 0: that waits forever)."""
+        return ("WAIT", self.replicas, max(1, round(self.timeout * 1000)))
+
+    def error(self, pool: str, acknowledged: int, ids: list[str]) -> ReplicationError | None:
+        """The error to raise when fewer replicas acknowledged ``ids`` than asked."""
+        if acknowledged >= self.replicas:
+            return None
+        return ReplicationError(pool, ids, acknowledged, self.replicas, self.timeout)
+
+
+def replication(replicas: object, timeout: object, socket_timeout: float) -> Replication | None:
+    """The checked ``wait_replicas`` and ``wait_timeout`` options (None: do not wait)."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise InvalidArgumentError(f"wait_replicas must be an integer >= 0, got {replicas!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < socket_timeout
+    ):
+        raise InvalidArgumentError(
+            f"wait_timeout must be a number of seconds above 0 and below the broker's "
+            f"socket_timeout ({socket_timeout:g}), got {timeout!r}"
+        )
+    return Replication(replicas, float(timeout)) if replicas else None
+
+
 def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Command:
     """The ``XADD`` of one event; raises for an event that cannot be sent."""
     spec = core.stream(stream)
@@ -76,36 +120,74 @@ def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | No
     return ("XADD", spec.key, "*", *fields)
 
 
-def publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
-    """Publish one event; returns its id."""
+def publish(
+    core: BrokerCore,
+    stream: str,
+    body: Any,
+    meta: Mapping[str, str] | None,
+    wait: Replication | None = None,
+) -> Op[str]:
+    """Publish one event; returns its id (``wait``: after replicas acknowledged it)."""
     if core.tracing is not None:
-        return (yield from _traced(core, stream, body, meta))
-    return (yield from _publish(core, stream, body, meta))
+        return (yield from _traced(core, stream, body, meta, wait))
+    return (yield from _publish(core, stream, body, meta, wait))
 
 
-def _publish(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
+def _publish(
+    core: BrokerCore,
+    stream: str,
+    body: Any,
+    meta: Mapping[str, str] | None,
+    wait: Replication | None,
+) -> Op[str]:
     spec = core.stream(stream)
     command = _xadd(core, stream, body, meta)
-    if spec.limited and _collect_due(core, spec.name, 1):
-        collect = stream_collect_command(spec)
-        reply, collect_reply = yield Send(spec.pool, (command, collect), allow_errors=True)
+    commands = [command]
+    collect = spec.limited and _collect_due(core, spec.name, 1)
+    if collect:
+        commands.append(stream_collect_command(spec))
+    if wait is not None:
+        commands.append(wait.command)
+    reply, *others = yield Send(spec.pool, commands, allow_errors=collect)
+    if collect:
         _check_published(spec.pool, [command], [reply])
-        _publisher_collected(core, spec, collect_reply)
-    else:
-        (reply,) = yield Send(spec.pool, (command,))
+        _publisher_collected(core, spec, others.pop(0))
     if core.observer is not None:
         core.observer.published(spec.pool, spec.name, 1)
-    return reply.decode()  # type: ignore[no-any-return]
+    event_id: str = reply.decode()
+    error = _replicated(wait, spec.pool, others, [event_id])
+    if error is not None:
+        raise error
+    return event_id
 
 
-def _traced(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Op[str]:
+def _replicated(
+    wait: Replication | None, pool: str, replies: list[Any], ids: list[str]
+) -> ReplicationError | None:
+    """The error to raise when the ``WAIT`` of ``wait`` (its reply last of ``replies``)
+    says fewer replicas acknowledged ``ids`` than asked; None when enough did."""
+    if wait is None:
+        return None
+    acknowledged = replies[-1]
+    if isinstance(acknowledged, ReplyError):
+        raise acknowledged.error(pool, "WAIT")
+    return wait.error(pool, int(acknowledged), ids)
+
+
+def _traced(
+    core: BrokerCore,
+    stream: str,
+    body: Any,
+    meta: Mapping[str, str] | None,
+    wait: Replication | None,
+) -> Op[str]:
     """:func:`publish` inside a PRODUCER span whose context the event carries."""
     tracing = core.tracing
     assert tracing is not None
     spec = core.stream(stream)
     span = tracing.start_send(spec.name, core.registry.pools[spec.pool].server_address)
     try:
-        event_id = yield from _publish(core, stream, body, tracing.carrier(span, meta))
+        event_id = yield from _publish(core, stream, body, tracing.carrier(span, meta), wait)
     except BaseException as exc:
         tracing.finish_send(span, [spec.name], [], exc)
         raise
@@ -116,8 +198,9 @@ def _traced(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | 
 class BatchBuffer:
     """Events encoded and waiting to be sent together; :meth:`flush` sends them."""
 
-    def __init__(self, core: BrokerCore) -> None:
+    def __init__(self, core: BrokerCore, wait: Replication | None = None) -> None:
         self._core = core
+        self._wait = wait
         self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
@@ -158,14 +241,20 @@ class BatchBuffer:
         if not self._commands:
             return self.ids
         try:
-            ids = yield from self._send()
+            ids, replies_of = yield from self._send()
         except BaseException as exc:
             self._end_span([], exc)
             raise
-        self._end_span(ids, None)
+        error = None
+        for pool, replies in replies_of.items():  # the events were written all the same
+            written = [i for i, (p, _, _) in zip(ids, self._commands, strict=True) if p == pool]
+            error = error or _replicated(self._wait, pool, replies, written)
+        self._end_span(ids, error)
         self._commands.clear()
         self._limited.clear()
         self.ids.extend(ids)
+        if error is not None:
+            raise error
         return ids
 
     def _due_collections(self) -> dict[str, list[StreamSpec]]:
@@ -178,21 +267,25 @@ class BatchBuffer:
                 due.setdefault(spec.pool, []).append(spec)
         return due
 
-    def _send(self) -> Op[list[str]]:
+    def _send(self) -> Op[tuple[list[str], dict[str, list[Any]]]]:
+        """Send the events; returns their ids and, per pool, the replies of its round trip
+        (the last one a ``WAIT``'s, when waiting for replicas)."""
         per_pool: dict[str, list[Command]] = {}
         for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
         collects = self._due_collections()
+        wait = self._wait
         sends = []
         for pool, commands in per_pool.items():
             extra = [stream_collect_command(spec) for spec in collects.get(pool, ())]
-            sends.append(Send(pool, [*commands, *extra], allow_errors=bool(extra)))
+            waiting = [wait.command] if wait is not None else []
+            sends.append(Send(pool, [*commands, *extra, *waiting], allow_errors=bool(extra)))
         results = yield Parallel(sends)
         for send, result in zip(sends, results, strict=True):
             if send.allow_errors:
                 _check_published(send.pool, per_pool[send.pool], result)
-                sent = len(per_pool[send.pool])
-                for spec, reply in zip(collects[send.pool], result[sent:], strict=True):
+                sent, due = len(per_pool[send.pool]), collects.get(send.pool, [])
+                for spec, reply in zip(due, result[sent : sent + len(due)], strict=True):
                     _publisher_collected(self._core, spec, reply)
         replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
         try:
@@ -203,4 +296,4 @@ class BatchBuffer:
         if observer is not None:
             for (pool, stream), count in Counter((p, s) for p, s, _ in self._commands).items():
                 observer.published(pool, stream, count)
-        return ids
+        return ids, {send.pool: result for send, result in zip(sends, results, strict=True)}
