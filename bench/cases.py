@@ -34,6 +34,8 @@ PUBLISH_TARGET = 0.90
 BATCH_TARGET = 1.0
 BATCH_AIM = 1.5
 CONSUME_TARGET = 0.90
+#: Consuming with metrics on, against the same with them off.
+METRICS_TARGET = 0.97
 GC_SECONDS_TARGET = 2.0
 
 
@@ -171,27 +173,10 @@ def bench_consume(
 ) -> CaseResult:
     """(3) ``consumer.consume(handler, count, block=False)`` over a pre-filled stream vs a
     raw ``XREADGROUP`` + ``XACK`` loop that decodes each body with msgspec."""
-    config = registry(server.address)
     rounds = n // count + 3
 
     def sb_run(total: int) -> float:
-        seen = [0]
-
-        def handler(events: list[sb.Event]) -> None:
-            for event in events:
-                event.body  # noqa: B018 - decoding is part of consuming
-            seen[0] += len(events)
-
-        with config.broker() as broker:
-            _warm_broker(broker)  # creates the group at 0, reads nothing
-            consumer = broker.consumer(GROUP, "bench-consumer", collect=collect)
-            with Stopwatch() as sw:
-                handled = consumer.consume(handler, count=count, block=False)
-        check(handled == total == seen[0], f"consume: handled {handled} of {total}")
-        check(_pending(server.address) == 0, "consume: events left pending")
-        if collect:
-            check(_xlen(server.address) == 0, "consume: acknowledged events not collected")
-        return sw.seconds
+        return _sb_consume(server, total, count, collect, metrics=False)
 
     def raw_run(total: int) -> float:
         client = raw_client(server.address)
@@ -236,6 +221,57 @@ def bench_consume(
         None,
         {"events": n, "count": count, "collect": False},
         target="(info)",
+    )
+
+
+def _sb_consume(server: BenchServer, total: int, count: int, collect: bool, metrics: bool) -> float:
+    """Seconds ``consumer.consume(handler, count, block=False)`` takes over ``total``
+    events (with ``metrics``: counted by a Prometheus registry, as a worker with
+    ``--metrics-port`` does)."""
+    config = registry(server.address)
+    seen = [0]
+
+    def handler(events: list[sb.Event]) -> None:
+        for event in events:
+            event.body  # noqa: B018 - decoding is part of consuming
+        seen[0] += len(events)
+
+    with config.broker() as broker:
+        if metrics:
+            from streambroker.metrics import Metrics
+
+            Metrics().instrument(broker)
+        _warm_broker(broker)  # creates the group at 0, reads nothing
+        consumer = broker.consumer(GROUP, "bench-consumer", collect=collect)
+        with Stopwatch() as sw:
+            handled = consumer.consume(handler, count=count, block=False)
+    check(handled == total == seen[0], f"consume: handled {handled} of {total}")
+    check(_pending(server.address) == 0, "consume: events left pending")
+    if collect:
+        check(_xlen(server.address) == 0, "consume: acknowledged events not collected")
+    return sw.seconds
+
+
+def bench_metrics(server: BenchServer, runs: int, n: int, count: int, filler: Filler) -> CaseResult:
+    """(3c) consume + ack with metrics (a ``Metrics`` registry counting every delivery,
+    handler time and collection) vs the same without: what observing costs."""
+    sb_rates, plain_rates = compare(
+        f"{server.kind} consume with metrics",
+        runs,
+        n,
+        lambda total: _sb_consume(server, total, count, True, metrics=True),
+        lambda total: _sb_consume(server, total, count, True, metrics=False),
+        filler.afresh,
+        warmup=min(n, count * 5),
+    )
+    return throughput_result(
+        "3c",
+        f"consume + ack with metrics / without, count={count:,}",
+        server.kind,
+        sb_rates,
+        plain_rates,
+        METRICS_TARGET,
+        {"events": n, "count": count},
     )
 
 

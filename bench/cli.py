@@ -14,7 +14,7 @@ from .common import Filler, registry
 from .results import CaseResult, console, log
 from .servers import SERVER_KINDS, BenchServer, start_servers
 
-CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async")
+CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async", "metrics")
 CASE_NUMBERS = {str(i): name for i, name in enumerate(CASES, start=1)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -175,6 +175,9 @@ def run_server(
             processes.bench_memory(server, options["memory_events"], count, filler, limit)
         ],
         "async": asyncio_face,
+        "metrics": lambda: [
+            cases.bench_metrics(server, runs, options["consume_events"], count, filler)
+        ],
     }
     console.rule(f"{server.kind} on {server.address}")
     results: list[CaseResult] = []
