@@ -917,6 +917,12 @@ def worker(
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format", help="text, or json: one JSON object per line (for log shippers)."
+        ),
+    ] = "text",
     cwd: Annotated[
         bool,
         typer.Option(
@@ -950,6 +956,13 @@ def worker(
         raise typer.BadParameter(f"{log_level!r} is not a log level", param_hint="--log-level")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger().setLevel(level)
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"{log_format!r} is not text or json", param_hint="--log-format")
+    if log_format == "json":
+        from .logs import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     broker = load_app(app_spec, cwd=cwd)
     settings: dict[str, Any] = {
         "groups": groups or [],

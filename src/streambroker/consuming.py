@@ -83,6 +83,16 @@ __all__ = ["ConsumerCore", "ConsumerOptions", "check_count", "claim", "remove_co
 
 log = logging.getLogger("streambroker.consumer")
 
+
+class _ConsumerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The consumer's logger: every record carries its group and name (for JSON logs),
+    and what a call adds (``extra``: the stream, event ids)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
 #: Blocking time per read when a group spans several pools, read in parallel: a
 #: pool that has events answers at once, and this bounds how long the others hold
 #: the batch back.
@@ -224,6 +234,7 @@ class ConsumerCore:
         self._leased = False  # whether the lease is taken (the token may be, unconfirmed)
         #: Why the last round trip failed while the consumer tries again (None: it did not).
         self.problem: str | None = None
+        self.log = _ConsumerLog(log, {"group": group, "consumer": name})
         # Per key: where re-reading this consumer's own pending events goes on ("-"
         # or "(id"); keys without an entry read new events.
         self._own: dict[str, str] = {}
@@ -290,7 +301,7 @@ class ConsumerCore:
                         self._read_cap = max(1, BUDGET_ENTRIES // streams)
                     events = yield from self._step(count, block and not self.stopping)
                 except ReplyTooLargeError as exc:
-                    log.info(
+                    self.log.info(
                         "consumer %s of group %s: a read from redis pool %r took more than "
                         "its budget of %d bytes; setting aside its pending entries larger than "
                         "max_entry_size (%d bytes) and re-reading the others in smaller pieces",
@@ -312,7 +323,7 @@ class ConsumerCore:
                         break
                     delay = backoff(failures, 0.1, MAX_RECONNECT_DELAY)
                     text = str(exc)
-                    log.log(
+                    self.log.log(
                         logging.DEBUG if text == reported else logging.WARNING,
                         "consumer %s of group %s: %s; trying again in %.1f s (%s)",
                         self.name,
@@ -329,7 +340,7 @@ class ConsumerCore:
                     continue
                 self.problem = None
                 if failures:
-                    log.warning(
+                    self.log.warning(
                         "consumer %s of group %s: reconnected after %d failed attempts",
                         self.name,
                         self.group,
@@ -348,7 +359,7 @@ class ConsumerCore:
             try:
                 yield from self._flush()
             except BrokerError as exc:
-                log.warning(
+                self.log.warning(
                     "consumer %s of group %s: could not send acknowledgements (the events "
                     "will be delivered again): %s",
                     self.name,
@@ -381,7 +392,7 @@ class ConsumerCore:
     def _report_loss(self, pool: str, what: str) -> None:
         """Say (once for one loss) that the server lost this group's data; recreate it."""
         if not self._loss_reported:
-            log.warning(
+            self.log.warning(
                 "consumer %s of group %s: %s from redis pool %r (the server lost data, or "
                 "someone deleted it); recreating what is missing",
                 self.name,
@@ -464,7 +475,7 @@ class ConsumerCore:
                 self._lease_pool, *release_command(self._prefix, self.group, self.name, token)
             )
         except BrokerError as exc:
-            log.warning(
+            self.log.warning(
                 "consumer %s of group %s: could not release its lease: %s",
                 self.name,
                 self.group,
@@ -641,7 +652,7 @@ class ConsumerCore:
         for pool, key, command in waiting:
             self._outgoing[pool].dead.append((key, command))
         if waiting and not self._dead_waiting:
-            log.warning(
+            self.log.warning(
                 "consumer %s of group %s: the server is out of memory: %d dead letters wait "
                 "(their events stay pending) until it has memory again",
                 self.name,
@@ -684,13 +695,14 @@ class ConsumerCore:
                 into.append(event)
             self._redelivered = self._redelivered or bool(entries)
             if gone:
-                log.warning(
+                self.log.warning(
                     "stream %s, group %s: pending events %s are no longer in the stream (deleted "
                     "or trimmed by someone else, or taken over by another consumer); not "
                     "handling them",
                     source.stream,
                     self.group,
                     [g.decode() for g in gone],
+                    extra={"stream": source.stream, "ids": [g.decode() for g in gone]},
                 )
             if kind == "own":
                 if cursor:
@@ -700,7 +712,7 @@ class ConsumerCore:
             elif kind == "reclaim":
                 self._reclaim_cursor[key] = cursor.decode()
                 if entries:
-                    log.info(
+                    self.log.info(
                         "consumer %s of group %s took over %d events idle for %.1f s or more "
                         "from stream %s",
                         self.name,
@@ -712,7 +724,7 @@ class ConsumerCore:
                 if len(entries) >= min(count, MAX_SCRIPT_BATCH):
                     self._reclaim_at = 0.0  # more may be waiting
                 if forgotten and forgotten[0]:
-                    log.info(
+                    self.log.info(
                         "consumer %s of group %s forgot consumers idle for %g s or more with "
                         "nothing pending, from stream %s: %s",
                         self.name,
@@ -724,7 +736,7 @@ class ConsumerCore:
         elif kind in ("checked", "dead") and reply:
             lost = reply if kind == "checked" else ([] if reply == 1 else ["?"])
             if lost:
-                log.warning(
+                self.log.warning(
                     "consumer %s of group %s: %d events of %s were taken over by another "
                     "consumer before they were acknowledged; they will be handled again there",
                     self.name,
@@ -766,7 +778,7 @@ class ConsumerCore:
         elif now - self._renewed_at < self.options.lease:
             self._report_loss(self._lease_pool, "its lease vanished")
         else:
-            log.warning(
+            self.log.warning(
                 "consumer %s of group %s: its lease expired (it was paused or cut off for "
                 "%.1f s, longer than the lease) and nobody took the name; it goes on",
                 self.name,
@@ -794,7 +806,7 @@ class ConsumerCore:
     def _bury(self, event: Event, error: str) -> None:
         source = self._sources[event.key]
         deliveries = self.options.max_deliveries
-        log.warning(
+        self.log.warning(
             "stream %s, group %s: event %s failed on its last allowed delivery (%d); moving it "
             "to the dead letters: %s",
             source.stream,
@@ -802,6 +814,7 @@ class ConsumerCore:
             event.id,
             deliveries,
             error,
+            extra={"stream": source.stream, "ids": [event.id]},
         )
         command = dead_letter_command(
             source.spec, event.key, self.group, self.name, event.id, error, deliveries
@@ -839,7 +852,7 @@ class ConsumerCore:
         letters without reading it (the server copies it)."""
         source = self._sources[key]
         limit = self.core.max_entry_size
-        log.warning(
+        self.log.warning(
             "stream %s, group %s: entry %s is %d bytes, more than the max_entry_size limit of "
             "%d bytes; moving it to the dead letters without reading it",
             source.stream,
@@ -847,6 +860,7 @@ class ConsumerCore:
             event_id,
             size,
             limit,
+            extra={"stream": source.stream, "ids": [event_id]},
         )
         command = dead_letter_command(
             source.spec,
@@ -942,7 +956,7 @@ class ConsumerCore:
         )
         lost = yield from self._flush(final=False, mark=(source.pool, event.key, command))
         if lost:
-            log.warning(
+            self.log.warning(
                 "consumer %s of group %s: event %s of %s was taken over by another consumer "
                 "before it was handled; it will be handled there",
                 self.name,

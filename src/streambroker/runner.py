@@ -523,6 +523,7 @@ def _handled(slot: _Slot[Any], counts: HandledCounts, events: list[Event], start
             counted(len(events), "event"),
             ", ".join(streams),
             time.monotonic() - started,
+            extra=_fields(slot),
         )
 
 
@@ -548,6 +549,7 @@ def _failed(slot: _Slot[Any], exc: Exception) -> float:
             type(exc).__name__,
             delay,
             exc_info=exc,
+            extra=_fields(slot),
         )
     else:
         log.error(
@@ -557,6 +559,7 @@ def _failed(slot: _Slot[Any], exc: Exception) -> float:
             exc,
             delay,
             exc_info=None if isinstance(exc, BrokerError) else exc,
+            extra=_fields(slot),
         )
     return delay
 
@@ -565,7 +568,13 @@ def _report_leaving(slot: _Slot[Any], left: list[str] | BrokerError) -> None:
     """Log how the stopped consumer of ``slot`` left its group (:meth:`Consumer.leave`)."""
     name, group = slot.plan.name, slot.plan.group
     if isinstance(left, BrokerError):
-        log.warning("consumer %s of group %s could not leave the group: %s", name, group, left)
+        log.warning(
+            "consumer %s of group %s could not leave the group: %s",
+            name,
+            group,
+            left,
+            extra=_fields(slot),
+        )
     elif left:
         log.info(
             "consumer %s of group %s stays in the group: it holds pending events of %s, "
@@ -573,9 +582,15 @@ def _report_leaving(slot: _Slot[Any], left: list[str] | BrokerError) -> None:
             name,
             group,
             ", ".join(left),
+            extra=_fields(slot),
         )
     else:
-        log.debug("consumer %s left group %s", name, group)
+        log.debug("consumer %s left group %s", name, group, extra=_fields(slot))
+
+
+def _fields(slot: _Slot[Any]) -> dict[str, str]:
+    """The fields of a log line about the consumer of ``slot`` (see :mod:`.logs`)."""
+    return {"group": slot.plan.group, "consumer": slot.plan.name}
 
 
 class AsyncWorker:
