@@ -135,22 +135,23 @@ class LoadedScripts:
     of the broker's scripts the server holds; after that, a script is held once it ran.
     A ``NOSCRIPT`` (the server restarted or flushed its scripts) makes it ask again; that
     round trip's missing scripts are sent again after it (see :func:`missing_scripts`).
-    Threads may share it: each method reads or changes one dict at a time.
+    Threads may share it: each method reads or changes one dict at a time. The methods
+    take the round trip's :func:`scripts_of`, found once: round trips without scripts
+    (batches of events) pay nothing more.
     """
 
     def __init__(self) -> None:
         self._held: dict[str, dict[str, bool]] = {}  # per pool: SHA1 -> held by its server
         self._unasked: set[str] = set()  # pools whose user may not run SCRIPT EXISTS
 
-    def probe(self, send: Send) -> Command | None:
-        """The ``SCRIPT EXISTS`` to send before ``send``, or None when not needed."""
-        shas = _shas(send.commands)
-        if not shas or send.pool in self._unasked:
+    def probe(self, pool: str, shas: Sequence[tuple[int, str]]) -> Command | None:
+        """The ``SCRIPT EXISTS`` to send before a round trip of ``shas``, or None."""
+        if pool in self._unasked:
             return None
-        held = self._held.get(send.pool)
+        held = self._held.get(pool)
         if held is None:
             return ("SCRIPT", "EXISTS", *_SCRIPTS)
-        unknown = [sha for sha in shas if sha not in held]
+        unknown = [sha for _, sha in shas if sha not in held]
         return ("SCRIPT", "EXISTS", *unknown) if unknown else None
 
     def learn(self, pool: str, probe: Command, reply: Any) -> None:
@@ -159,41 +160,39 @@ class LoadedScripts:
             self._unasked.add(pool)  # EVALSHA and its NOSCRIPT fallback still work
             return
         held = self._held.setdefault(pool, {})
-        held.update(
-            (str(sha), bool(is_held)) for sha, is_held in zip(probe[2:], reply, strict=True)
-        )
+        for sha, is_held in zip(probe[2:], reply, strict=True):
+            held[str(sha)] = bool(is_held)
 
-    def commands(self, send: Send) -> list[Command]:
+    def commands(self, send: Send, shas: Sequence[tuple[int, str]]) -> Sequence[Command]:
         """The commands of ``send``, with the scripts the server lacks as ``EVAL``."""
         held = self._held.get(send.pool)
-        if held is None:
-            return list(send.commands)
-        return [
-            with_text(command)
-            if _text(command[0]).upper() == "EVALSHA" and not held.get(_text(command[1]), True)
-            else command
-            for command in send.commands
-        ]
+        lacking = [index for index, sha in shas if held is not None and not held.get(sha, True)]
+        if not lacking:
+            return send.commands
+        commands = list(send.commands)
+        for index in lacking:
+            commands[index] = with_text(commands[index])
+        return commands
 
-    def ran(self, pool: str, send: Send, replies: Sequence[Any]) -> None:
-        """Take in the replies of a round trip of ``send``: its scripts that ran are held
+    def ran(self, pool: str, shas: Sequence[tuple[int, str]], replies: Sequence[Any]) -> None:
+        """Take in the replies of a round trip of ``shas``: the scripts that ran are held
         by the server now; a ``NOSCRIPT`` means it forgot them (ask again next time)."""
-        if any(isinstance(reply, rex.NoScriptError) for reply in replies):
-            self._held.pop(pool, None)
-            return
         held = self._held.get(pool)
-        if held is None:
-            return
-        for command, reply in zip(send.commands, replies, strict=True):
-            if not isinstance(reply, BaseException) and _text(command[0]).upper() == "EVALSHA":
-                held[_text(command[1])] = True
+        for index, sha in shas:
+            reply = replies[index]
+            if isinstance(reply, rex.NoScriptError):
+                self._held.pop(pool, None)
+                return
+            if held is not None and not isinstance(reply, BaseException):
+                held[sha] = True
 
 
-def _shas(commands: Sequence[Command]) -> list[str]:
+def scripts_of(send: Send) -> list[tuple[int, str]]:
+    """The ``EVALSHA`` commands of ``send`` with a script of the broker: (index, SHA1)."""
     return [
-        _text(command[1])
-        for command in commands
-        if _text(command[0]).upper() == "EVALSHA" and _text(command[1]) in _SCRIPTS
+        (index, command[1])
+        for index, command in enumerate(send.commands)
+        if command[0] == "EVALSHA" and command[1] in _SCRIPTS
     ]
 
 

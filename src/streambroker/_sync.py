@@ -139,13 +139,15 @@ class SyncDriver:
 
     def _send(self, send: fx.Send) -> list[Any]:
         with fx.translated(send.pool):
-            probe = self._scripts.probe(send)
+            shas = fx.scripts_of(send)
+            if not shas:
+                return fx.settle(send, self._round_trip(send, send.commands))
+            probe = self._scripts.probe(send.pool, shas)
             if probe is not None:
                 (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe])
                 self._scripts.learn(send.pool, probe, known)
-            commands = self._scripts.commands(send)
-            replies = self._round_trip(send, commands)
-            self._scripts.ran(send.pool, send, replies)
+            replies = self._round_trip(send, self._scripts.commands(send, shas))
+            self._scripts.ran(send.pool, shas, replies)
             again = fx.missing_scripts(send, replies)
             if again:
                 replies = fx.put_back(send, replies, self._round_trip(send, again))

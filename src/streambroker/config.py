@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -146,12 +147,12 @@ class StreamSpec:
     max_length: int | None = None
     max_age: float | None = None
 
-    @property
+    @cached_property
     def limited(self) -> bool:
         """Whether the stream has a retention limit."""
         return self.max_length is not None or self.max_age is not None
 
-    @property
+    @cached_property
     def key(self) -> str:
         """The stream's key on the server: the registry's key prefix, then its name."""
         return self.key_prefix + self.name

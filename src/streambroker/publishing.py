@@ -113,9 +113,8 @@ def replication(replicas: object, timeout: object, socket_timeout: float) -> Rep
     return Replication(replicas, float(timeout)) if replicas else None
 
 
-def _xadd(core: BrokerCore, stream: str, body: Any, meta: Mapping[str, str] | None) -> Command:
+def _xadd(core: BrokerCore, spec: StreamSpec, body: Any, meta: Mapping[str, str] | None) -> Command:
     """The ``XADD`` of one event; raises for an event that cannot be sent."""
-    spec = core.stream(stream)
     fields = encode_fields(spec.name, body, meta, core.codec, core.max_body_size)
     return ("XADD", spec.key, "*", *fields)
 
@@ -141,7 +140,7 @@ def _publish(
     wait: Replication | None,
 ) -> Op[str]:
     spec = core.stream(stream)
-    command = _xadd(core, stream, body, meta)
+    command = _xadd(core, spec, body, meta)
     commands = [command]
     collect = spec.limited and _collect_due(core, spec.name, 1)
     if collect:
@@ -211,15 +210,14 @@ class BatchBuffer:
 
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
+        spec = self._core.stream(stream)
         tracing = self._core.tracing
         if tracing is not None:
-            spec = self._core.stream(stream)
             if self._span is None:
                 server = self._core.registry.pools[spec.pool].server_address
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
-        command = _xadd(self._core, stream, body, meta)
-        spec = self._core.registry.streams[stream]
+        command = _xadd(self._core, spec, body, meta)
         if spec.limited:
             self._limited[stream] += 1
         self._commands.append((spec.pool, stream, command))
