@@ -11,11 +11,10 @@ from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio
-import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, async_client, reply_budget
+from .connection import ConnectionOptions, async_client, read_replies_async, reply_budget
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -168,12 +167,7 @@ class AsyncDriver:
         try:
             await connection.send_packed_command(fx.pack(commands))
             budget.start(send)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except rex.ResponseError as exc:
-                    replies.append(exc)
+            replies = await read_replies_async(connection, len(commands))
         except BaseException:
             await connection.disconnect(nowait=True)
             raise

@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import redis
-import redis.exceptions as rex
 
 from . import _effects as fx
 from .config import ValidatedRegistry
-from .connection import ConnectionOptions, reply_budget, sync_client
+from .connection import ConnectionOptions, read_replies, reply_budget, sync_client
 from .errors import BrokerError
 
 T = TypeVar("T")
@@ -164,12 +163,7 @@ class SyncDriver:
         try:
             connection.send_packed_command(fx.pack(commands))  # type: ignore[no-untyped-call]
             budget.start(send)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except rex.ResponseError as exc:
-                    replies.append(exc)
+            replies = read_replies(connection, len(commands))
         except BaseException:
             connection.disconnect()  # type: ignore[no-untyped-call]
             raise
