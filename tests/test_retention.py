@@ -28,6 +28,7 @@ from streambroker.keys import dead_letter_key
 from streambroker.publishing import COLLECT_EVERY_EVENTS
 
 from .conftest import OpenBroker, Server
+from .test_gc import fail_after_acking, ignore
 
 GROUPS = ("ga", "gb")
 LOST = re.compile(r"group (\S+) lost (\d+) unread and (\d+) pending")
@@ -64,19 +65,6 @@ def losses(caplog: pytest.LogCaptureFixture) -> list[dict[str, tuple[int, int]]]
         for record in caplog.records
         if record.name == "streambroker" and "retention limits" in record.getMessage()
     ]
-
-
-def fail_after_acking(count: int) -> sb.Handler:
-    def handler(events: list[sb.Event]) -> None:
-        for event in events[:count]:
-            event.ack()
-        raise RuntimeError("handler failed")
-
-    return handler
-
-
-def ignore(events: list[sb.Event]) -> None:
-    """Returns at once: every event is acknowledged."""
 
 
 # --- registering limits ----------------------------------------------------------------
