@@ -299,17 +299,22 @@ def _results(
     texts: dict[str, dict[str, str]] = {"p50": {}, "p99": {}}
     for face, runs in faces.items():
         sent, received, kept = rates[face]
-        pace = f" at {min(sent, received):,.0f}/s" + ("" if kept else " (RATE NOT KEPT)")
-        texts["p50"][face] = _ms(median([r["p50"] for r in runs])) + pace
+        missed = "" if kept else " (RATE NOT KEPT)"
+        pace = f" at {min(sent, received):,.0f}/s"
+        texts["p50"][face] = _ms(median([r["p50"] for r in runs])) + pace + missed
         texts["p99"][face] = (
-            _ms(median([r["p99"] for r in runs])) + f" (max {_ms(max(r['max'] for r in runs))})"
+            _ms(median([r["p99"] for r in runs]))
+            + f" (max {_ms(max(r['max'] for r in runs))})"
+            + missed
         )
     results = []
     for name in ("p50", "p99"):
         ratios = [s[name] / r[name] for s, r in zip(sb_runs, raw_runs, strict=True)]
         ratio = median(ratios)
-        kept = rates["sb"][2] and rates["raw"][2]
-        passed = None if name == "p50" else (ratio <= LATENCY_TARGET and kept)
+        # Raw code that fell behind queues events: nothing to compare against.
+        passed = None
+        if name == "p99" and rates["raw"][2]:
+            passed = ratio <= LATENCY_TARGET and rates["sb"][2]
         results.append(
             CaseResult(
                 case="8",
