@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
         ("e2e_events", "events from producer to consumer process (4)"),
         ("gc_events", "acknowledged backlog collected (5)"),
         ("memory_events", "events handled by the measured consumer process (6)"),
-        ("latency_seconds", "seconds counted per rate, face and run (8)"),
+        ("latency_seconds", "seconds counted per rate, face and run (9)"),
     ):
         sizes.add_argument(
             "--" + key.replace("_", "-"),

@@ -1,4 +1,4 @@
-"""(8) Latency from publish to handler at a steady rate, in two processes.
+"""(9) Latency from publish to handler at a steady rate, in two processes.
 
 A producer process publishes one event at a time, paced at a fixed rate against
 absolute deadlines (a late send does not push the later ones back); each event
@@ -46,6 +46,8 @@ from .processes import Worker
 from .results import CaseResult, log
 from .servers import BenchServer
 
+#: The case's number in the table (its place in ``bench.cli.CASES``: ``--cases 9``).
+CASE = "9"
 #: Steady rates measured, in events per second.
 RATES = (1_000, 10_000)
 #: Seconds of events sent first and not counted (connections, caches, the first reads).
@@ -317,7 +319,7 @@ def _results(
             passed = ratio <= LATENCY_TARGET and rates["sb"][2]
         results.append(
             CaseResult(
-                case="8",
+                case=CASE,
                 title=f"latency {name}, publish to handler, {rate:,}/s for {seconds} s",
                 server=server.kind,
                 unit="ms",
@@ -351,7 +353,7 @@ def _results(
 def bench_latency(
     server: BenchServer, runs: int, seconds: int, count: int, limit: float
 ) -> list[CaseResult]:
-    """(8) Publish-to-handler latency at each of ``RATES``, ``seconds`` counted per run."""
+    """(9) Publish-to-handler latency at each of ``RATES``, ``seconds`` counted per run."""
     results: list[CaseResult] = []
     for rate in RATES:
         sb_runs: list[dict[str, Any]] = []
