@@ -15,9 +15,9 @@ import redis.exceptions as rex
 
 import streambroker as sb
 from streambroker import _effects as fx
-from streambroker.delivery import ack_owned_command, touch_command
-from streambroker.gc import COLLECT_SCRIPT, collect_command
-from streambroker.leases import renew_command
+from streambroker.core.delivery import ack_owned_command, touch_command
+from streambroker.core.gc import COLLECT_SCRIPT, collect_command
+from streambroker.core.leases import renew_command
 
 from . import test_permissions
 from .conftest import OpenBroker, Server, wait_for
