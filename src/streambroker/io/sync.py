@@ -1,0 +1,204 @@
+"""The synchronous I/O layer: performs the core's effects with redis-py and threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis
+
+from ..config.registry import ValidatedRegistry
+from ..core import effects as fx
+from ..errors import BrokerError
+from . import replies as rp
+from .connection import ConnectionOptions, read_replies, reply_budget, sync_client
+
+T = TypeVar("T")
+
+
+class _Heartbeat:
+    """One thread per ``run()`` that beats while a handler runs.
+
+    :meth:`during` tells it a handler started (and when it ended); it then runs the
+    handler's heartbeat operation every interval. One thread serves every batch, so
+    a batch costs no thread start.
+    """
+
+    def __init__(self, driver: SyncDriver) -> None:
+        self._driver = driver
+        self._changed = threading.Condition()
+        self._effect: fx.Handle | None = None
+        self._since = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._beat, name="streambroker-heartbeat")
+        self._thread.start()
+
+    def during(self, effect: fx.Handle | None) -> None:
+        """A handler of ``effect`` runs from now on (``None``: it returned)."""
+        with self._changed:
+            self._effect = effect
+            self._since = time.monotonic()
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        with self._changed:
+            while not self._closed:
+                effect = self._effect
+                if effect is None or effect.heartbeat is None:
+                    self._changed.wait()
+                    continue
+                due = self._since + effect.interval - time.monotonic()
+                if due > 0:
+                    self._changed.wait(due)
+                    continue
+                self._since = time.monotonic()
+                self._changed.release()
+                try:
+                    self._driver.run(effect.heartbeat())
+                except BrokerError as exc:
+                    fx.log.warning("heartbeat failed (will try again): %s", exc)
+                finally:
+                    self._changed.acquire()
+
+
+class SyncDriver:
+    """Runs operations against one client per pool, made on first use."""
+
+    def __init__(self, registry: ValidatedRegistry, options: ConnectionOptions) -> None:
+        self._registry = registry
+        self.options = options
+        self._scripts = rp.LoadedScripts()
+        self._clients: dict[str, redis.Redis] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def client(self, pool: str) -> redis.Redis:
+        """The client of ``pool``, made (and an embedded server started) on first use."""
+        client = self._clients.get(pool)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(pool)
+                if client is None:
+                    client = sync_client(self._registry.pools[pool], self.options)
+                    self._clients[pool] = client
+        return client
+
+    def run(
+        self,
+        op: fx.Op[T],
+        handler: fx.AnyHandler | None = None,
+        wake: threading.Event | None = None,
+    ) -> T:
+        """Drive ``op`` to completion and return its result.
+
+        ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short.
+        """
+        driving = fx.Driving(op)
+        beats: list[_Heartbeat] = []
+        try:
+            while not driving.done:
+                effect = driving.effect
+                if isinstance(effect, fx.Handle):
+                    assert handler is not None
+                    driving.resume(*fx.outcome(self._handle, effect, handler, beats))
+                else:
+                    driving.resume(*fx.outcome(self._perform, effect, wake))
+        finally:
+            for beat in beats:
+                beat.close()
+        return driving.result  # type: ignore[return-value]
+
+    def _perform(self, effect: fx.Effect, wake: threading.Event | None) -> Any:
+        if isinstance(effect, fx.Send):
+            return self._send(effect)
+        if isinstance(effect, fx.Parallel):
+            return self._parallel(effect)
+        assert isinstance(effect, fx.Sleep)
+        return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
+
+    def _handle(self, effect: fx.Handle, handler: fx.AnyHandler, beats: list[_Heartbeat]) -> object:
+        if effect.heartbeat is None:
+            return handler(effect.events)
+        if not beats:
+            beats.append(_Heartbeat(self))
+        beats[0].during(effect)
+        try:
+            return handler(effect.events)
+        finally:
+            beats[0].during(None)
+
+    def _send(self, send: fx.Send) -> list[Any]:
+        with rp.translated(send.pool):
+            shas = rp.scripts_of(send)
+            if not shas:
+                return rp.settle(send, self._round_trip(send, send.commands))
+            probe = self._scripts.probe(send.pool, shas)
+            if probe is not None:
+                (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe])
+                self._scripts.learn(send.pool, probe, known)
+            replies = self._round_trip(send, self._scripts.commands(send, shas))
+            self._scripts.ran(send.pool, shas, replies)
+            again = rp.missing_scripts(send, replies)
+            if again:
+                replies = rp.put_back(send, replies, self._round_trip(send, again))
+            return rp.settle(send, replies)
+
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` (within its budget), error replies
+        in place."""
+        name = send.pool
+        pool = self.client(name).connection_pool
+        with rp.translated(name, self._registry.pools[name].tls):
+            connection = pool.get_connection()
+        budget = reply_budget(connection)
+        try:
+            connection.send_packed_command(rp.pack(commands))  # type: ignore[no-untyped-call]
+            budget.start(send)
+            replies = read_replies(connection, len(commands))
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            budget.stop()
+            pool.release(connection)
+        return replies
+
+    def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
+        sends = parallel.sends
+        if len(sends) <= 1:
+            return [self._send(send) for send in sends]
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(thread_name_prefix="streambroker")
+            executor = self._executor
+        futures = [executor.submit(self._send, send) for send in sends]
+        results: list[list[Any]] = []
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BrokerError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Close every connection and the worker threads."""
+        with self._lock:
+            clients, self._clients = self._clients, {}
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for client in clients.values():
+            client.close()
