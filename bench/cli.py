@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import async_cases, cases, processes, report
+from . import async_cases, cases, cluster, processes, report
 from .common import Filler, registry
 from .results import CaseResult, console, log
 from .servers import SERVER_KINDS, BenchServer, start_servers
 
-CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async", "metrics")
+CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async", "metrics", "cluster")
 CASE_NUMBERS = {str(i): name for i, name in enumerate(CASES, start=1)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -178,6 +178,9 @@ def run_server(
         "metrics": lambda: [
             cases.bench_metrics(server, runs, options["consume_events"], count, filler)
         ],
+        "cluster": lambda: cluster.bench_cluster(
+            server, runs, options["e2e_events"], options["batch_size"], count, limit
+        ),
     }
     console.rule(f"{server.kind} on {server.address}")
     results: list[CaseResult] = []
