@@ -1,12 +1,56 @@
-"""Pools on Redis Cluster: the address form, and a pool's work over a cluster's nodes."""
+"""Pools on Redis Cluster: the address form, and a pool's work over a cluster's nodes
+(streams on each of three masters), on both server kinds and both faces: publish and
+batches, one group reading streams of every node, retries, dead letters and replay,
+garbage collection, stats, ``read`` and the CLI; a slot migrated under a running
+publisher and consumer; the replies of a round trip split over the nodes, in order."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 import streambroker as sb
+from streambroker import _effects as fx
+from streambroker._async import AsyncDriver
+from streambroker._sync import SyncDriver
+from streambroker.cli import app
+from streambroker.connection import ConnectionOptions
+from streambroker.routing import key_slot
+
+from .conftest import OpenBroker, wait_for
+from .servers import ClusterSet, ServerProcess
+
+FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
+
+
+def spread(cluster: ClusterSet, prefix: str = "s") -> list[str]:
+    """Three stream names, one on each master (in the masters' order)."""
+    names: dict[int, str] = {}
+    n = 0
+    while len(names) < len(cluster.masters):
+        name = f"{prefix}{n}"
+        names.setdefault(cluster.node_of(name).port, name)
+        n += 1
+    return [names[master.port] for master in cluster.masters]
+
+
+def cluster_registry(cluster: ClusterSet, streams: Sequence[str]) -> sb.ValidatedRegistry:
+    r = sb.Registry()
+    r.register_redis(cluster.url())
+    for name in streams:
+        r.register_stream(name, "default", ["billing", "audit"])
+    return r.validate()
 
 
 def registry(address: str, pool: str = "default") -> sb.ValidatedRegistry:
@@ -95,3 +139,241 @@ def test_cluster_address_in_yaml(tmp_path: Path) -> None:
     spec = sb.Registry.from_yaml(path).validate().pools["main"]
     assert (spec.kind, len(spec.seeds)) == ("cluster", 2)
     assert "s3cret" not in spec.display_address
+
+
+# -- a pool's work over the cluster's nodes ---------------------------------------------
+
+
+def test_cluster_pool_publishes_consumes_and_reports(
+    cluster: ClusterSet, open_broker: OpenBroker, tmp_path: Path
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    first = broker.publish(streams[0], {"n": 0})
+    with broker.batch() as batch:
+        for n in range(1, 10):
+            poison = "yes" if n == 4 else "no"
+            batch.publish(streams[n % 3], {"n": n}, {"poison": poison})
+    assert len(batch.ids) == 9
+    for name in streams:  # each stream lives on its own master
+        assert cluster.node_of(name).client().xlen(name) == (4 if name == streams[0] else 3)
+
+    handled: list[tuple[int, int]] = []
+
+    def handle(events: list[sb.Event]) -> None:
+        for event in events:
+            if event.meta.get("poison") == "yes":
+                event.fail(RuntimeError("poison"))
+            else:
+                handled.append((event.body["n"], event.delivery_count))
+
+    consumer = broker.consumer("billing", **{**FAST, "max_deliveries": 2})
+    consumer.consume(handle, block=False)
+    poisoned = streams[1]
+
+    def dead() -> list[sb.DeadLetter]:
+        consumer.consume(handle, block=False)
+        return broker.dead_letters(poisoned, "billing")
+
+    wait_for(dead, 20, "the poison event to be a dead letter")
+    (letter,) = broker.dead_letters(poisoned, "billing")
+    assert letter.event.body == {"n": 4}
+    assert sorted(handled) == [(n, 1) for n in range(10) if n != 4]
+    assert first in [event.id for event in broker.read(streams[0])]
+
+    # The dead letter is put back: read again by billing only.
+    assert broker.replay_dead_letters(poisoned, "billing") == 1
+    replayed: list[sb.Event] = []
+    wait_for(
+        lambda: consumer.consume(replayed.extend, block=False) or replayed,
+        20,
+        "the replayed event to be read",
+    )
+    assert [event.body for event in replayed] == [{"n": 4}]
+
+    # audit reads the three streams; then garbage collection empties each node.
+    audited: list[int] = []
+    audit = broker.consumer("audit", **FAST)
+    wait_for(
+        lambda: (
+            audit.consume(lambda es: audited.extend(e.body["n"] for e in es), count=3, block=False)
+            or len(audited) == 10
+        ),
+        20,
+        "audit to read every event",
+    )
+    broker.collect_garbage(*streams)
+    for name in streams:
+        assert cluster.node_of(name).client().xlen(name) == 0
+        stats = broker.stream_stats(name)
+        assert (stats.length, stats.entries_added) == (0, 4 if name == streams[0] else 3)
+    billing = broker.group_stats(poisoned, "billing")
+    assert (billing.lag, billing.pending, billing.dead_letters) == (0, 0, 0)
+
+    config = tmp_path / "streambroker.yaml"
+    config.write_text(
+        f"default:\n    redis: {cluster.url()}\n    streams:\n"
+        + "".join(f"        {name}: [billing, audit]\n" for name in streams)
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["stats", "--json", "-c", str(config)], env={"COLUMNS": "80"})
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    data = json.loads(result.stdout)
+    assert sorted((row["stream"], row["length"]) for row in data) == sorted(
+        (name, 0) for name in streams
+    )
+    broker.publish(streams[2], {"n": 10}, {"poison": "yes"})
+    result = runner.invoke(app, ["dead-letters", streams[2], "billing", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["tail", streams[2], "-g", "billing", "--count", "1", "--json", "-c", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["body"] == {"n": 10}
+
+
+def test_scripts_are_loaded_on_every_master(cluster: ClusterSet, open_broker: OpenBroker) -> None:
+    broker = open_broker(cluster_registry(cluster, spread(cluster)))
+    loaded = broker.load_scripts()
+    assert set(loaded) == {"default"}
+    shas = [script.sha for script in fx.scripts()]
+    for master in cluster.masters:
+        assert all(master.client().script_exists(*shas))
+
+
+def test_a_group_blocks_on_three_nodes_at_once(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **{**FAST, "block_timeout": 5.0})
+    consumer.consume(lambda events: None, block=False)  # the groups exist
+    got: list[str] = []
+    thread = threading.Thread(
+        target=consumer.consume, args=(lambda events: got.extend(e.stream for e in events),)
+    )
+    thread.start()
+    try:
+        for name in reversed(streams):
+            broker.publish(name, {"to": name})
+        wait_for(lambda: len(got) >= 3, 20, "the three events to be read")
+    finally:
+        consumer.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert sorted(got) == sorted(streams)
+
+
+# -- a slot migrated under a publisher and a consumer -------------------------------------
+
+
+def _migrate(cluster: ClusterSet, key: str, source: ServerProcess, target: ServerProcess) -> None:
+    """Move the slot of ``key`` from ``source`` to ``target``, its keys with it
+    (``MIGRATE``), as an operator resharding does."""
+    slot = key_slot(key)
+    src, dst = source.client(), target.client()
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for node in cluster.masters:
+        node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+    def moved() -> bool:
+        try:
+            src.xlen(key)
+        except redis.ResponseError as exc:
+            return "MOVED" in str(exc) or str(exc).startswith(str(slot))
+        return False
+
+    wait_for(moved, 20, "the slot to move")
+
+
+def test_a_moved_slot_is_followed_without_loss_or_duplicate(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **FAST)
+    consumer.consume(lambda events: None, block=False)
+    published: list[int] = []
+    for n in range(20):
+        broker.publish(streams[n % 3], {"n": n})
+        published.append(n)
+    seen: Counter[int] = Counter()
+    consumer.consume(lambda es: seen.update(e.body["n"] for e in es), count=5, block=False)
+
+    home, elsewhere = cluster.masters[0], cluster.masters[1]
+    _migrate(cluster, streams[0], home, elsewhere)  # the client's slot map is stale now
+    try:
+        for n in range(20, 40):
+            broker.publish(streams[n % 3], {"n": n})
+            published.append(n)
+        wait_for(
+            lambda: (
+                consumer.consume(lambda es: seen.update(e.body["n"] for e in es), block=False)
+                or sum(seen.values()) >= 40
+            ),
+            30,
+            "every event to be read",
+        )
+        assert elsewhere.client().xlen(streams[0]) == 14
+    finally:
+        _migrate(cluster, streams[0], elsewhere, home)  # as the other tests expect
+    assert sorted(seen) == published
+    assert max(seen.values()) == 1  # none twice
+
+
+# -- the replies of a split round trip, in order ------------------------------------------
+
+
+def _incr_op(keys: list[str]) -> fx.Op[list[Any]]:
+    replies = yield fx.Send("default", [("INCR", key) for key in keys])
+    return list(replies)
+
+
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_split_round_trips_reply_in_order(cluster_set: ClusterSet, face: str) -> None:
+    cluster_set.wait_ready()
+    registry = cluster_registry(cluster_set, ["orders"])
+    options = ConnectionOptions()
+    names = st.lists(st.sampled_from([f"k{n}" for n in range(12)] + ["{t}a", "{t}b"]), max_size=40)
+    loop = asyncio.new_event_loop()
+    sync_driver = SyncDriver(registry, options)
+    async_driver = AsyncDriver(registry, options)
+    counts: Counter[str] = Counter()
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(names)
+    def check(keys: list[str]) -> None:
+        if face == "sync":
+            replies = sync_driver.run(_incr_op(keys))
+        else:
+            replies = loop.run_until_complete(async_driver.run(_incr_op(keys)))
+        expected = []
+        for key in keys:
+            counts[key] += 1
+            expected.append(counts[key])
+        assert replies == expected
+
+    try:
+        cluster_set.flush()
+        check()
+    finally:
+        sync_driver.close()
+        loop.run_until_complete(async_driver.close())
+        loop.close()
+    assert len({cluster_set.node_of(key).port for key in counts}) == 3
+
+
+def test_an_unreachable_cluster_is_a_connection_error_naming_the_pool(
+    open_broker: OpenBroker,
+) -> None:
+    from .conftest import free_port
+
+    broker = open_broker(registry(f"redis+cluster://127.0.0.1:{free_port()}", pool="east"))
+    with pytest.raises(sb.PoolConnectionError) as caught:
+        broker.publish("orders", 1)
+    assert caught.value.pool == "east"
+    assert "no seed node of the cluster answered" in str(caught.value)
