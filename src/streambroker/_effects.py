@@ -141,7 +141,8 @@ class LoadedScripts:
     """
 
     def __init__(self) -> None:
-        self._held: dict[str, dict[str, bool]] = {}  # per pool: SHA1 -> held by its server
+        # Per pool (per node of a cluster pool, named "<pool> <host:port>"): SHA1 -> held.
+        self._held: dict[str, dict[str, bool]] = {}
         self._unasked: set[str] = set()  # pools whose user may not run SCRIPT EXISTS
 
     def probe(self, pool: str, shas: Sequence[tuple[int, str]]) -> Command | None:
@@ -163,9 +164,12 @@ class LoadedScripts:
         for sha, is_held in zip(probe[2:], reply, strict=True):
             held[str(sha)] = bool(is_held)
 
-    def commands(self, send: Send, shas: Sequence[tuple[int, str]]) -> Sequence[Command]:
-        """The commands of ``send``, with the scripts the server lacks as ``EVAL``."""
-        held = self._held.get(send.pool)
+    def commands(
+        self, send: Send, shas: Sequence[tuple[int, str]], pool: str | None = None
+    ) -> Sequence[Command]:
+        """The commands of ``send``, with the scripts the server lacks as ``EVAL``
+        (``pool``: the name the server is known by here, default the send's pool)."""
+        held = self._held.get(send.pool if pool is None else pool)
         lacking = [index for index, sha in shas if held is not None and not held.get(sha, True)]
         if not lacking:
             return send.commands
@@ -253,6 +257,10 @@ OOM = "OOM"
 NOPERM = "NOPERM"
 READONLY = "READONLY"
 UNBLOCKED = "UNBLOCKED"
+#: A cluster refused the command without running it (``MOVED``, ``ASK``, ``TRYAGAIN``,
+#: ``CLUSTERDOWN``) after every attempt to follow it.
+CLUSTER = "CLUSTER"
+_REFUSED = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)  # MovedError is an AskError
 #: What a command blocked on a master that turns replica gets (Redis and Valkey alike).
 _TURNED_REPLICA = ("UNBLOCKED", "instance state changed")
 
@@ -265,7 +273,8 @@ class ReplyError:
     :data:`NOPERM` (the ACL refused the command, or a command of a script),
     :data:`READONLY` (the server is a replica: its master was switched),
     :data:`UNBLOCKED` (a blocking command was cut short as its master turned
-    replica), or empty.
+    replica), :data:`CLUSTER` (a cluster refused to run the command, as while its slot
+    moves or a failover is under way), or empty.
     """
 
     message: str
@@ -281,6 +290,9 @@ class ReplyError:
             return cls(message, NOPERM)
         if isinstance(exc, rex.ReadOnlyError):
             return cls(message, READONLY)
+        if isinstance(exc, _REFUSED):
+            code = getattr(exc, "status_code", None) or type(exc).__name__
+            return cls(f"{code} {message}", CLUSTER)
         if message.startswith(_TURNED_REPLICA[0]) and _TURNED_REPLICA[1] in message:
             return cls(message, UNBLOCKED)
         return cls(message)
@@ -292,9 +304,10 @@ class ReplyError:
 
     @property
     def switched(self) -> bool:
-        """Whether the server turned replica: the reply says nothing of the command, the
-        connection is to the wrong server."""
-        return self.code in (READONLY, UNBLOCKED)
+        """Whether the server turned replica, or the cluster could not run the command
+        for now: the reply says nothing of the command, the connection is to the wrong
+        server (raised as :class:`~streambroker.PoolConnectionError`)."""
+        return self.code in (READONLY, UNBLOCKED, CLUSTER)
 
     @property
     def denied(self) -> bool:
