@@ -9,12 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import async_cases, cases, latency, processes, report
+from . import async_cases, cases, cluster, latency, processes, report
 from .common import Filler, registry
 from .results import CaseResult, console, log
 from .servers import SERVER_KINDS, BenchServer, start_servers
 
-CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async", "metrics", "latency")
+CASES = (
+    "publish",
+    "batch",
+    "consume",
+    "e2e",
+    "gc",
+    "memory",
+    "async",
+    "metrics",
+    "latency",
+    "cluster",
+)
 CASE_NUMBERS = {str(i): name for i, name in enumerate(CASES, start=1)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -183,6 +194,9 @@ def run_server(
         ],
         "latency": lambda: latency.bench_latency(
             server, runs, options["latency_seconds"], count, limit
+        ),
+        "cluster": lambda: cluster.bench_cluster(
+            server, runs, options["e2e_events"], options["batch_size"], count, limit
         ),
     }
     console.rule(f"{server.kind} on {server.address}")

@@ -65,6 +65,10 @@ _FILLER = "x" * 83
 _encode = msgspec.msgpack.Encoder().encode
 
 
+#: The module the processes of the case run.
+MODULE = "bench.latency"
+
+
 def latency_body(seq: int, sent_ns: int) -> dict[str, Any]:
     """The body of the ``seq``-th event, sent at ``sent_ns`` (110-114 bytes of msgpack)."""
     return {"seq": seq, "sent": sent_ns, "data": _FILLER}
@@ -243,15 +247,16 @@ def _run_pair(
             client.close()
     warm = int(rate * WARMUP)
     common = {
-        "module": "bench.latency",
         "address": server.address,
         "rate": rate,
         "warm": warm,
         "total": warm + rate * seconds,
         "limit": limit,
     }
-    consumer = Worker({**common, "role": f"{face}-consumer", "count": count})
-    producer = Worker({**common, "role": f"{face}-producer"})
+    consumer = Worker(
+        {**common, "role": f"{face}-consumer", "count": count}, module="bench.latency"
+    )
+    producer = Worker({**common, "role": f"{face}-producer"}, module="bench.latency")
     wait = WARMUP + seconds + limit + 30
     try:
         consumer.message(60)

@@ -4,7 +4,9 @@ Each server kind is started once per test session on a free loopback port, witho
 persistence, and flushed before every test that uses it. Behaviour tests take the
 ``server`` fixture and so run on both kinds, and the ``broker`` (or ``open_broker``)
 fixture, and so run on both faces: the synchronous broker and the asyncio one.
-With ``CI=true`` a missing server binary fails the run instead of skipping.
+Clusters of three masters (``cluster``; ``cluster_with_replicas`` for failover) are
+started at their first use, once per session and kind. With ``CI=true`` a missing
+server binary fails the run instead of skipping.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import pytest
 import streambroker as sb
 
 from .faces import Loop, async_facade
-from .servers import SERVER_KINDS, SentinelSet, ServerProcess, free_port, server_binary
+from .servers import (
+    SERVER_KINDS,
+    ClusterSet,
+    SentinelSet,
+    ServerProcess,
+    free_port,
+    server_binary,
+)
 
 __all__ = ["Server", "free_port"]
 
@@ -117,6 +126,74 @@ def sentinels(sentinel_set: SentinelSet) -> SentinelSet:
     sentinel_set.master().flush()
     sentinel_set.wait_synced()
     return sentinel_set
+
+
+@pytest.fixture(scope="session")
+def _clusters() -> Iterator[dict[tuple[str, bool], ClusterSet]]:
+    clusters: dict[tuple[str, bool], ClusterSet] = {}
+    yield clusters
+    for cluster in clusters.values():
+        cluster.stop()
+
+
+def _cluster(
+    kind: str,
+    with_replicas: bool,
+    clusters: dict[tuple[str, bool], ClusterSet],
+    tmp: pytest.TempPathFactory,
+) -> ClusterSet:
+    """The cluster of ``kind``, started at its first use in the session."""
+    cluster = clusters.get((kind, with_replicas))
+    if cluster is None:
+        name = f"cluster-{kind}-replicas" if with_replicas else f"cluster-{kind}"
+        cluster = ClusterSet(kind, _require_binary(kind), tmp.mktemp(name), with_replicas)
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.stop()
+            raise
+        clusters[kind, with_replicas] = cluster
+    return cluster
+
+
+@pytest.fixture(scope="session", params=SERVER_KINDS)
+def cluster_set(
+    request: pytest.FixtureRequest,
+    _clusters: dict[tuple[str, bool], ClusterSet],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ClusterSet:
+    """A cluster of three masters of each server kind in turn, started at its first use
+    and shared by the whole session (see :class:`ClusterSet`)."""
+    return _cluster(request.param, False, _clusters, tmp_path_factory)
+
+
+@pytest.fixture
+def cluster(cluster_set: ClusterSet) -> ClusterSet:
+    """:func:`cluster_set`, every master flushed."""
+    cluster_set.wait_ready()
+    cluster_set.flush()
+    return cluster_set
+
+
+@pytest.fixture(scope="session", params=SERVER_KINDS)
+def cluster_replica_set(
+    request: pytest.FixtureRequest,
+    _clusters: dict[tuple[str, bool], ClusterSet],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> ClusterSet:
+    """A cluster of three masters with one replica each, of each server kind in turn,
+    started at its first use and shared by the whole session."""
+    return _cluster(request.param, True, _clusters, tmp_path_factory)
+
+
+@pytest.fixture
+def cluster_with_replicas(cluster_replica_set: ClusterSet) -> ClusterSet:
+    """:func:`cluster_replica_set` whole again (masters killed by an earlier test are back
+    as replicas), every master flushed and every replica synced: for failover tests."""
+    cluster_replica_set.heal()
+    cluster_replica_set.flush()
+    cluster_replica_set.wait_synced()
+    return cluster_replica_set
 
 
 #: The seed document's YAML, with the pool addresses left open.

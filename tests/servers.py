@@ -13,8 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
+import redis.cluster
+from redis.crc import key_slot
 
 SERVER_KINDS = ("valkey", "redis")
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
@@ -365,3 +368,265 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+#: The slot ranges of a three-master cluster, one a master, covering the 16384 slots.
+CLUSTER_SLOT_RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
+
+
+@dataclass
+class ClusterSet:
+    """A Redis Cluster of three masters (with one replica each when ``with_replicas``)
+    on free loopback ports, without persistence, quick to notice a failed master.
+
+    The cluster is formed with plain commands (``CLUSTER ADDSLOTSRANGE``,
+    ``SET-CONFIG-EPOCH``, ``MEET``, ``REPLICATE``); :meth:`start` returns once every node
+    agrees on the slot map and the replicas are synced. :meth:`kill_master` and
+    :meth:`wait_promoted` fail a master over to its replica; :meth:`heal` brings killed
+    nodes back as replicas.
+    """
+
+    kind: str
+    binary: str
+    directory: Path
+    with_replicas: bool = False
+    #: The masters, in the order of their slot ranges once started.
+    masters: list[ServerProcess] = field(default_factory=list)
+    replicas: list[ServerProcess] = field(default_factory=list)
+    #: The slot range each master serves, by port.
+    slot_ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: The replica of each master (by the master's port).
+    replica_of: dict[int, ServerProcess] = field(default_factory=dict)
+    #: Masters killed by :meth:`kill_master`, not brought back yet.
+    killed: list[ServerProcess] = field(default_factory=list)
+    #: The node that took over each killed master's slots (by the killed one's port).
+    successors: dict[int, ServerProcess] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> list[ServerProcess]:
+        """Every node that runs: the masters, then the replicas."""
+        return [*self.masters, *self.replicas]
+
+    @property
+    def hosts(self) -> str:
+        """The masters as the address form lists them: ``host:port,host:port,...``."""
+        return ",".join(node.address for node in self.masters)
+
+    def url(self, scheme: str = "redis+cluster") -> str:
+        """The cluster address: every master, e.g. ``redis+cluster://127.0.0.1:p1,...``."""
+        return f"{scheme}://{self.hosts}"
+
+    def _node(self, name: str) -> ServerProcess:
+        node = ServerProcess(self.kind, self.binary, self.directory / name)
+        node.extra_args = (
+            *NO_PERSISTENCE,
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(node.directory / "nodes.conf"),
+            "--cluster-port",
+            str(free_port()),
+            "--cluster-node-timeout",
+            "1000",
+            # A replica takes over however long its link to the master was down.
+            "--cluster-replica-validity-factor",
+            "0",
+            # A replica's offset stays 0 until its master sends something; some servers
+            # leave such a replica out of CLUSTER SLOTS.
+            "--repl-ping-replica-period",
+            "1",
+        )
+        return node
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the nodes, form the cluster and wait until it is ready."""
+        self.masters = [self._node(f"master-{index}") for index in range(3)]
+        self.replicas = (
+            [self._node(f"replica-{index}") for index in range(3)] if self.with_replicas else []
+        )
+        for node in self.nodes:
+            node.start()
+        ids = {node.port: node_id(node) for node in self.nodes}
+        for epoch, node in enumerate(self.nodes, start=1):
+            _command(node, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        for master, (low, high) in zip(self.masters, CLUSTER_SLOT_RANGES, strict=True):
+            _command(master, "CLUSTER", "ADDSLOTSRANGE", low, high)
+            self.slot_ranges[master.port] = (low, high)
+        first = self.masters[0]
+        for node in self.nodes[1:]:
+            _command(node, "CLUSTER", "MEET", "127.0.0.1", first.port, _bus_port(first))
+        pairs = list(zip(self.masters, self.replicas, strict=False))
+        _wait(
+            lambda: all(ids[master.port] in _nodes_text(replica) for master, replica in pairs),
+            timeout,
+            "the replicas to know their masters",
+        )
+        for master, replica in pairs:
+            _command(replica, "CLUSTER", "REPLICATE", ids[master.port])
+            self.replica_of[master.port] = replica
+        self.wait_ready(timeout)
+
+    def info(self, node: ServerProcess) -> dict[str, str]:
+        """``CLUSTER INFO`` of ``node``."""
+        lines = _command(node, "CLUSTER", "INFO").decode().splitlines()
+        return dict(line.split(":", 1) for line in lines if ":" in line)
+
+    def role(self, node: ServerProcess) -> str:
+        """``master`` or ``slave``, as ``node`` says."""
+        client = node.client()
+        try:
+            return str(client.info("replication")["role"])
+        finally:
+            client.close()
+
+    def slot_map(self, node: ServerProcess) -> tuple[tuple[int, int, int, tuple[int, ...]], ...]:
+        """The slot map as ``node`` sees it: (first slot, last slot, master port, replica
+        ports) for each range."""
+        ranges = []
+        for entry in _command(node, "CLUSTER", "SLOTS"):
+            low, high, master, *replicas = entry
+            ranges.append(
+                (int(low), int(high), int(master[1]), tuple(sorted(int(r[1]) for r in replicas)))
+            )
+        return tuple(sorted(ranges))
+
+    def expected_slot_map(self) -> tuple[tuple[int, int, int, tuple[int, ...]], ...]:
+        """The slot map every node should report."""
+        expected = []
+        for master in self.masters:
+            low, high = self.slot_ranges[master.port]
+            replica = self.replica_of.get(master.port)
+            expected.append((low, high, master.port, (replica.port,) if replica else ()))
+        return tuple(sorted(expected))
+
+    def ready(self) -> bool:
+        """Whether every node reports ``cluster_state:ok`` and the expected slot map, and
+        every replica's link to its master is up."""
+        try:
+            expected = self.expected_slot_map()
+            for node in self.nodes:
+                if self.info(node).get("cluster_state") != "ok":
+                    return False
+                if self.slot_map(node) != expected:
+                    return False
+            for replica in self.replicas:
+                client = replica.client()
+                try:
+                    if client.info("replication").get("master_link_status") != "up":
+                        return False
+                finally:
+                    client.close()
+            return True
+        except redis.RedisError:
+            return False
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until :meth:`ready`."""
+        _wait(self.ready, timeout, f"the {self.kind} cluster to be ready")
+
+    def synced(self) -> bool:
+        """Whether every replica has caught up with its master's replication offset."""
+        for master in self.masters:
+            replica = self.replica_of.get(master.port)
+            if replica is None:
+                continue
+            primary, secondary = master.client(), replica.client()
+            try:
+                offset = primary.info("replication")["master_repl_offset"]
+                if secondary.info("replication").get("slave_repl_offset") != offset:
+                    return False
+            finally:
+                primary.close()
+                secondary.close()
+        return True
+
+    def wait_synced(self, timeout: float = 30.0) -> None:
+        """Wait until every replica has every write of its master so far."""
+        _wait(self.synced, timeout, "the replicas to catch up")
+
+    def client(self, socket_timeout: float = 60) -> redis.cluster.RedisCluster:
+        """A redis-py cluster client, knowing every master."""
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode("127.0.0.1", m.port) for m in self.masters],
+            socket_timeout=socket_timeout,
+        )
+
+    def flush(self) -> None:
+        """Empty every master, and its script cache."""
+        for master in self.masters:
+            master.flush()
+
+    def node_of(self, key: str | bytes) -> ServerProcess:
+        """The master serving ``key``."""
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        return next(
+            master
+            for master in self.masters
+            if self.slot_ranges[master.port][0] <= slot <= self.slot_ranges[master.port][1]
+        )
+
+    def kill_master(self, node: ServerProcess) -> ServerProcess:
+        """SIGKILL the master ``node``, as a crash would; returns its replica, which takes
+        over (see :meth:`wait_promoted`)."""
+        replica = self.replica_of.get(node.port)
+        if node not in self.masters or replica is None:
+            raise ValueError(f"{node.address} is not a master with a replica")
+        node.kill()
+        self.killed.append(node)
+        return replica
+
+    def wait_promoted(self, replica: ServerProcess, timeout: float = 30.0) -> None:
+        """Wait until ``replica`` of a killed master serves that master's slots and the
+        cluster is ready again."""
+        old = next(master for master in self.masters if self.replica_of.get(master.port) is replica)
+        self.masters[self.masters.index(old)] = replica
+        self.replicas.remove(replica)
+        del self.replica_of[old.port]
+        self.slot_ranges[replica.port] = self.slot_ranges.pop(old.port)
+        self.successors[old.port] = replica
+        self.wait_ready(timeout)
+
+    def heal(self, timeout: float = 30.0) -> None:
+        """Restart the killed masters: each comes back as the replica of the node that took
+        over its slots. Waits until the cluster is ready."""
+        for node in self.killed:
+            if node.port not in self.successors:
+                self.wait_promoted(self.replica_of[node.port], timeout)
+        while self.killed:
+            node = self.killed.pop()
+            node.start()
+            self.replicas.append(node)
+            self.replica_of[self.successors.pop(node.port).port] = node
+        self.wait_ready(timeout)
+
+    def stop(self) -> None:
+        """Stop every process."""
+        for node in [*self.nodes, *self.killed]:
+            node.stop()
+
+
+def node_id(node: ServerProcess) -> str:
+    """The cluster node id of ``node``."""
+    reply = _command(node, "CLUSTER", "MYID")
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _bus_port(node: ServerProcess) -> int:
+    return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
+
+
+def _nodes_text(node: ServerProcess) -> str:
+    reply = _command(node, "CLUSTER", "NODES")
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def _command(node: ServerProcess, *args: object) -> Any:
+    client = node.client()
+    try:
+        return client.execute_command(*args)
+    finally:
+        client.close()

@@ -45,6 +45,8 @@ MAX_NAME_LENGTH = 128
 _BAD_NAME_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f*?\[\]]")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\s]+)):(?P<port>[^:]+)(?::(?P<db>.*))?")
 
 
@@ -81,12 +83,13 @@ class PoolSpec:
     ``kind`` is ``"tcp"`` (``host:port`` with ``db``), ``"url"`` (a ``redis://``,
     ``rediss://`` or ``unix://`` URL, which may carry credentials), ``"sentinel"`` (a
     ``redis+sentinel://`` or ``rediss+sentinel://`` URL: the master of the Sentinel
-    ``service``, found through the ``sentinels``) or ``"embedded"`` (the bundled server
-    under ``data_dir``).
+    ``service``, found through the ``sentinels``), ``"cluster"`` (a ``redis+cluster://``
+    or ``rediss+cluster://`` URL: a Redis Cluster found through its ``seeds``, database 0
+    only) or ``"embedded"`` (the bundled server under ``data_dir``).
     """
 
     name: str
-    kind: Literal["tcp", "url", "sentinel", "embedded"]
+    kind: Literal["tcp", "url", "sentinel", "cluster", "embedded"]
     db: int = 0
     host: str | None = None
     port: int | None = None
@@ -95,6 +98,8 @@ class PoolSpec:
     #: The Sentinel service whose master this pool is, and its sentinels (host, port).
     service: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()
+    #: The nodes of a Redis Cluster its topology is first asked of (host, port).
+    seeds: tuple[tuple[str, int], ...] = ()
     #: Why TLS certificates or host names of this pool are not checked, when they are not.
     tls_warning: str | None = field(default=None, repr=False, compare=False)
 
@@ -107,6 +112,8 @@ class PoolSpec:
             return f"{self.data_dir}/valkey.sock"
         if self.kind == "sentinel":
             return self.sentinels[0][0]
+        if self.kind == "cluster":
+            return self.seeds[0][0]
         assert self.url is not None
         parts = urlsplit(self.url)
         return parts.hostname or parts.path
@@ -124,9 +131,16 @@ class PoolSpec:
 
     @property
     def tls(self) -> bool:
-        """Whether the pool's connections use TLS (a ``rediss://`` or ``rediss+sentinel://``
-        URL)."""
-        return self.url is not None and self.url.startswith(("rediss://", "rediss+sentinel://"))
+        """Whether the pool's connections use TLS (a ``rediss://``, ``rediss+sentinel://``
+        or ``rediss+cluster://`` URL)."""
+        return self.url is not None and self.url.startswith(
+            tuple(f"{scheme}://" for scheme in _TLS_SCHEMES)
+        )
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the pool is a Redis Cluster (its keys live in hash slots of nodes)."""
+        return self.kind == "cluster"
 
     def __repr__(self) -> str:
         return f"PoolSpec(name={self.name!r}, address={self.display_address!r})"
@@ -226,9 +240,11 @@ class Registry:
         """Register a Redis pool named ``pool``.
 
         ``address`` is ``host:port`` (with ``db``), ``host:port:db`` as in the YAML
-        format, a ``redis://``, ``rediss://`` or ``unix://`` URL, or ``embedded`` for
-        the bundled server (``embedded:DIR`` or ``data_dir=`` picks its data directory,
-        default ``./.streambroker``).
+        format, a ``redis://``, ``rediss://`` or ``unix://`` URL, a Sentinel service
+        (``redis+sentinel://host:port[,host:port...]/SERVICE[/DB]``), a Redis Cluster
+        (``redis+cluster://host:port[,host:port...]``, database 0 only; TLS:
+        ``rediss+``), or ``embedded`` for the bundled server (``embedded:DIR`` or
+        ``data_dir=`` picks its data directory, default ``./.streambroker``).
         """
         self._pools.append(PoolEntry(pool, address, db, data_dir, None))
 
@@ -476,11 +492,13 @@ def _parse_address(pool: str, address: object, db: object, data_dir: object) -> 
     scheme = address.partition("://")[0]
     if scheme in _SENTINEL_SCHEMES:
         return _parse_sentinel(pool, address, db)
+    if scheme in _CLUSTER_SCHEMES:
+        return _parse_cluster(pool, address, db)
     if "://" in address:
         if scheme not in _URL_SCHEMES:
             raise ValueError(
                 f"cannot parse address {_mask_url(address)!r}: the URL scheme must be one "
-                f"of {', '.join(_URL_SCHEMES + _SENTINEL_SCHEMES)}"
+                f"of {', '.join(_URL_SCHEMES + _SENTINEL_SCHEMES + _CLUSTER_SCHEMES)}"
             )
         url_db, tls_warning = _check_url(address)
         if db is not None and url_db is not None and db != url_db:
@@ -525,8 +543,9 @@ def _check_url(url: str) -> tuple[int | None, str | None]:
     return url_db, tls_warning
 
 
-def _parse_sentinel(pool: str, url: str, db: object) -> PoolSpec:
-    """A ``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]`` URL."""
+def _split_hosts_url(url: str, what: str) -> tuple[str, tuple[tuple[str, int], ...], str, str]:
+    """A URL naming several hosts (``what``: sentinel, cluster node): its scheme, the
+    hosts, its path and its query."""
     shown = _mask_url(url)
     scheme, _, rest = url.partition("://")
     rest, _, query_text = rest.partition("?")
@@ -539,7 +558,32 @@ def _parse_sentinel(pool: str, url: str, db: object) -> PoolSpec:
     if any(c in userinfo for c in "/?"):
         raise ValueError(f"the URL {shown!r}: write '/' and '?' in a password as %2F and %3F")
     hosts, _, path = rest.partition("/")
-    sentinels = tuple(_parse_sentinel_host(host, shown) for host in hosts.split(","))
+    parsed = tuple(_parse_url_host(host, shown, what) for host in hosts.split(","))
+    return scheme, parsed, path, query_text
+
+
+def _parse_cluster(pool: str, url: str, db: object) -> PoolSpec:
+    """A ``redis+cluster://[user:password@]host:port[,host:port...]`` URL (database 0)."""
+    shown = _mask_url(url)
+    scheme, seeds, path, query_text = _split_hosts_url(url, "cluster node")
+    query = _check_query(scheme, query_text)
+    dbs = [("its path", path)] if path else []
+    dbs += [("its query", query["db"])] if "db" in query else []
+    for where, text in dbs:
+        if _parse_int(text, "db", 0) != 0:
+            raise ValueError(
+                f"the URL {shown!r} selects db {text} in {where}: a Redis Cluster has "
+                "database 0 only"
+            )
+    if db:
+        raise ValueError(f"db={db} was given: a Redis Cluster has database 0 only")
+    return PoolSpec(pool, "cluster", url=url, seeds=seeds, tls_warning=_tls_warning(query))
+
+
+def _parse_sentinel(pool: str, url: str, db: object) -> PoolSpec:
+    """A ``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB]`` URL."""
+    shown = _mask_url(url)
+    scheme, sentinels, path, query_text = _split_hosts_url(url, "sentinel")
     service, _, db_text = path.partition("/")
     service = unquote_plus(service)
     if not service:
@@ -573,15 +617,15 @@ def _parse_sentinel(pool: str, url: str, db: object) -> PoolSpec:
     )
 
 
-def _parse_sentinel_host(text: str, shown: str) -> tuple[str, int]:
+def _parse_url_host(text: str, shown: str, what: str) -> tuple[str, int]:
     match = _HOST_PORT.fullmatch(text)
     if not match or match.group("db") is not None:
         raise ValueError(
-            f"the URL {shown!r}: cannot parse sentinel {text!r}: expected host:port "
-            "(sentinels separated by commas)"
+            f"the URL {shown!r}: cannot parse {what} {text!r}: expected host:port "
+            f"({what}s separated by commas)"
         )
     host = match.group("v6") or match.group("host")
-    return host, _parse_int(match.group("port"), "sentinel port", 1, 65535)
+    return host, _parse_int(match.group("port"), f"{what} port", 1, 65535)
 
 
 def _check_seconds(value: str) -> str | None:
@@ -664,9 +708,10 @@ def _check_query(scheme: str, query: str) -> dict[str, str]:
             sentinel = [*_SENTINEL_URL_PARAMETERS] if scheme in _SENTINEL_SCHEMES else []
             accepted = ", ".join([*_URL_PARAMETERS, *sentinel, *_TLS_URL_PARAMETERS])
             raise ValueError(f"the URL parameter {name!r} is not accepted (accepted: {accepted})")
-        if name in _TLS_URL_PARAMETERS and scheme not in ("rediss", "rediss+sentinel"):
+        if name in _TLS_URL_PARAMETERS and scheme not in _TLS_SCHEMES:
             raise ValueError(
-                f"the URL parameter {name!r} applies only to rediss:// and rediss+sentinel:// URLs"
+                f"the URL parameter {name!r} applies only to rediss://, rediss+sentinel:// "
+                "and rediss+cluster:// URLs"
             )
         if name in values:
             raise ValueError(f"the URL parameter {name!r} is given twice")

@@ -69,6 +69,7 @@ from .handing import (
 )
 from .leases import LEASE_RETAKEN, acquire_command, release_command, renew_command
 from .observer import Outcome
+from .routing import key_slot
 from .sizes import (
     BUDGET_ENTRIES,
     entry_size,
@@ -226,7 +227,12 @@ class ConsumerCore:
         self._lease_pool = streams[0].pool
         self._prefix = core.registry.key_prefix
         self._block = options.block_timeout
-        if len(self._by_pool) > 1:
+        self._cluster_pools = {pool for pool in self._by_pool if core.registry.pools[pool].cluster}
+        reads = sum(
+            len(self._read_groups(pool, [source.key for source in sources]))
+            for pool, sources in self._by_pool.items()
+        )
+        if reads > 1:  # several pools, or several slots of a cluster
             self._block = min(self._block, MULTI_POOL_BLOCK)
         self._reclaim_every = max(0.05, options.retry_after / 2)
         self._heartbeat_every = min(options.retry_after, options.lease) / 3
@@ -591,9 +597,10 @@ class ConsumerCore:
                 )
                 if wait >= 0.001:
                     head += ("BLOCK", int(wait * 1000))
-                plan.append(("read", "", (*head, "STREAMS", *new, *[">"] * len(new))))
+                for keys in self._read_groups(pool, new):
+                    plan.append(("read", "", (*head, "STREAMS", *keys, *[">"] * len(keys))))
             plans.append(plan)
-            budget = self._budget(plan, count, reading * len(new))
+            budget = self._budget(plan, count, reading)
             commands = [command for _, _, command in plan]
             sends.append(Send(pool, commands, allow_errors=True, budget=budget))
         read_at = time.monotonic()
@@ -873,15 +880,25 @@ class ConsumerCore:
         )
         self._outgoing[source.pool].dead.append((key, command))
 
+    def _read_groups(self, pool: str, keys: list[str]) -> list[list[str]]:
+        """``keys`` as the ``XREADGROUP`` commands reading them: one per hash slot on a
+        cluster pool (a command's keys must share a slot there), else one."""
+        if pool not in self._cluster_pools:
+            return [keys]
+        by_slot: dict[int, list[str]] = {}
+        for key in keys:
+            by_slot.setdefault(key_slot(key), []).append(key)
+        return list(by_slot.values())
+
     def _budget(self, plan: list[tuple[str, str, Command]], count: int, reading: int) -> int:
         """The bytes the replies of ``plan`` may take (see :mod:`~streambroker.core.sizes`):
-        room for the entries it may read (``reading`` new ones), up to a budget's, and
-        what each reply adds."""
+        room for the entries it may read (``reading`` new ones per stream), up to a
+        budget's, and what each reply adds."""
         entries = 0
         slack = 0
         for kind, _, command in plan:
             if kind == "read":
-                entries += reading
+                entries += reading * ((len(command) - command.index("STREAMS") - 1) // 2)
             elif kind in ("own", "reclaim"):
                 entries += min(count, MAX_SCRIPT_BATCH)
             elif kind == "retry":

@@ -138,6 +138,9 @@ OOM = "OOM"
 NOPERM = "NOPERM"
 READONLY = "READONLY"
 UNBLOCKED = "UNBLOCKED"
+#: A cluster refused the command without running it (``MOVED``, ``ASK``, ``TRYAGAIN``,
+#: ``CLUSTERDOWN``) after every attempt to follow it.
+CLUSTER = "CLUSTER"
 
 
 @dataclass(slots=True)
@@ -148,7 +151,8 @@ class ReplyError:
     :data:`NOPERM` (the ACL refused the command, or a command of a script),
     :data:`READONLY` (the server is a replica: its master was switched),
     :data:`UNBLOCKED` (a blocking command was cut short as its master turned
-    replica), or empty.
+    replica), :data:`CLUSTER` (a cluster refused to run the command, as while its slot
+    moves or a failover is under way), or empty.
     """
 
     message: str
@@ -161,9 +165,10 @@ class ReplyError:
 
     @property
     def switched(self) -> bool:
-        """Whether the server turned replica: the reply says nothing of the command, the
-        connection is to the wrong server."""
-        return self.code in (READONLY, UNBLOCKED)
+        """Whether the server turned replica, or the cluster could not run the command
+        for now: the reply says nothing of the command, the connection is to the wrong
+        server (raised as :class:`~streambroker.PoolConnectionError`)."""
+        return self.code in (READONLY, UNBLOCKED, CLUSTER)
 
     @property
     def denied(self) -> bool:

@@ -14,9 +14,19 @@ import redis.asyncio
 
 from ..config.registry import ValidatedRegistry
 from ..core import effects as fx
-from ..errors import BrokerError
+from ..core import routing
+from ..errors import BrokerError, PoolError
 from . import replies as rp
-from .connection import ConnectionOptions, async_client, read_replies_async, reply_budget
+from .connection import (
+    AsyncCluster,
+    ConnectionOptions,
+    async_client,
+    async_cluster,
+    is_error,
+    read_replies_async,
+    refusal_of,
+    reply_budget,
+)
 
 T = TypeVar("T")
 
@@ -30,6 +40,8 @@ class AsyncDriver:
         self._scripts = rp.LoadedScripts()
         self._clients: dict[str, redis.asyncio.Redis] = {}
         self._making: dict[str, asyncio.Task[redis.asyncio.Redis]] = {}
+        self._clusters: dict[str, AsyncCluster] = {}
+        self._making_clusters: dict[str, asyncio.Task[AsyncCluster]] = {}
 
     async def client(self, pool: str) -> redis.asyncio.Redis:
         """The client of ``pool``, made (and an embedded server started) on first use."""
@@ -49,6 +61,24 @@ class AsyncDriver:
         del self._making[pool]
         if not making.cancelled() and making.exception() is None:
             self._clients[pool] = making.result()
+
+    async def cluster(self, pool: str) -> AsyncCluster | None:
+        """The topology and node connections of ``pool`` when it is a cluster pool (its
+        slot map read on first use), else None."""
+        found = self._clusters.get(pool)
+        if found is not None or not self._registry.pools[pool].cluster:
+            return found
+        making = self._making_clusters.get(pool)
+        if making is None:
+            making = asyncio.ensure_future(async_cluster(self._registry.pools[pool], self.options))
+            making.add_done_callback(partial(self._made_cluster, pool))
+            self._making_clusters[pool] = making
+        return await asyncio.shield(making)
+
+    def _made_cluster(self, pool: str, making: asyncio.Task[AsyncCluster]) -> None:
+        del self._making_clusters[pool]
+        if not making.cancelled() and making.exception() is None:
+            self._clusters[pool] = making.result()
 
     async def run(
         self, op: fx.Op[T], handler: fx.AnyHandler | None = None, wake: asyncio.Event | None = None
@@ -143,27 +173,85 @@ class AsyncDriver:
 
     async def _send(self, send: fx.Send) -> list[Any]:
         with rp.translated(send.pool):
-            shas = rp.scripts_of(send)
-            if not shas:
-                return rp.settle(send, await self._round_trip(send, send.commands))
-            probe = self._scripts.probe(send.pool, shas)
-            if probe is not None:
-                (known,) = await self._round_trip(fx.Send(send.pool, [probe]), [probe])
-                self._scripts.learn(send.pool, probe, known)
-            replies = await self._round_trip(send, self._scripts.commands(send, shas))
-            self._scripts.ran(send.pool, shas, replies)
-            again = rp.missing_scripts(send, replies)
-            if again:
-                replies = rp.put_back(send, replies, await self._round_trip(send, again))
-            return rp.settle(send, replies)
+            cluster = await self.cluster(send.pool)
+            if cluster is not None:
+                return rp.settle(send, await self._on_cluster(send, cluster))
+            pool = (await self.client(send.pool)).connection_pool
+            return rp.settle(send, await self._scripted(send, send.pool, pool))
 
-    async def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
-        """The raw replies to ``commands`` of ``send`` (within its budget), error replies
-        in place."""
+    async def _scripted(self, send: fx.Send, server: str, pool: Any) -> list[Any]:
+        """The raw replies to ``send`` on the connections of ``pool`` (of the server
+        known as ``server``), its scripts sent as the server needs them."""
+        shas = rp.scripts_of(send)
+        if not shas:
+            return await self._round_trip(send, send.commands, pool)
+        probe = self._scripts.probe(server, shas)
+        if probe is not None:
+            (known,) = await self._round_trip(fx.Send(send.pool, [probe]), [probe], pool)
+            self._scripts.learn(server, probe, known)
+        commands = self._scripts.commands(send, shas, server)
+        replies = await self._round_trip(send, commands, pool)
+        self._scripts.ran(server, shas, replies)
+        again = rp.missing_scripts(send, replies)
+        if again:
+            replies = rp.put_back(send, replies, await self._round_trip(send, again, pool))
+        return replies
+
+    async def _on_cluster(self, send: fx.Send, cluster: AsyncCluster) -> list[Any]:
+        """The raw replies to ``send`` on a cluster pool, as :func:`routing.route` routes
+        them: its pieces sent to their nodes concurrently."""
+        if cluster.stale:
+            await cluster.refresh()
+        steps = routing.route(send.commands, cluster, refusal_of, is_error)
+        result: Any = None
+        send.received = 0
+        while True:
+            try:
+                request = steps.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            except routing.RoutingError as exc:
+                raise PoolError(send.pool, str(exc)) from None
+            result = None
+            if isinstance(request, routing.Pieces):
+                result = await self._pieces(send, cluster, request.pieces)
+            elif isinstance(request, routing.Refresh):
+                await cluster.refresh()
+            else:
+                await asyncio.sleep(request.seconds)
+
+    async def _pieces(
+        self, send: fx.Send, cluster: AsyncCluster, pieces: list[routing.Piece]
+    ) -> list[list[Any]]:
+        async def piece(piece: routing.Piece) -> list[Any]:
+            sub = fx.Send(send.pool, piece.commands, budget=send.budget)
+            try:
+                node = _NodePool(await cluster.node(piece.node))
+                return await self._scripted(sub, f"{send.pool} {piece.node}", node)
+            except BaseException:
+                cluster.stale = True  # the node may have failed: read the slot map again
+                raise
+            finally:
+                send.received += sub.received
+
+        if len(pieces) <= 1:
+            return [await piece(each) for each in pieces]
+        results = await asyncio.gather(*(piece(each) for each in pieces), return_exceptions=True)
+        replies: list[list[Any]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            replies.append(result)
+        return replies
+
+    async def _round_trip(
+        self, send: fx.Send, commands: Sequence[fx.Command], pool: Any
+    ) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` on a connection of ``pool``
+        (within the send's budget), error replies in place."""
         name = send.pool
-        pool = (await self.client(name)).connection_pool
         with rp.translated(name, self._registry.pools[name].tls):
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await pool.get_connection()
         budget = reply_budget(connection)
         try:
             await connection.send_packed_command(rp.pack(commands))
@@ -194,9 +282,27 @@ class AsyncDriver:
         """Close every connection."""
         if self._making:
             await asyncio.wait(list(self._making.values()))  # to close those clients too
+        if self._making_clusters:
+            await asyncio.wait(list(self._making_clusters.values()))
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.aclose()
+        clusters, self._clusters = self._clusters, {}
+        for cluster in clusters.values():
+            await cluster.close()
+
+
+class _NodePool:
+    """A cluster node's connections, taken and given back as from a connection pool."""
+
+    def __init__(self, node: Any) -> None:
+        self._node = node
+
+    async def get_connection(self) -> Any:
+        return self._node.acquire_connection()
+
+    async def release(self, connection: Any) -> None:
+        self._node.release(connection)
 
 
 async def sleep(seconds: float, wake: asyncio.Event | None) -> None:

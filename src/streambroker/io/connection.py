@@ -11,11 +11,17 @@ A Sentinel pool's connections go to the master the sentinels name: they are aske
 when a connection opens, and at least every :data:`MASTER_CHECK_INTERVAL` seconds
 while the pool is used, so that connections to a master that was switched are
 closed (each goes to the new master next) instead of writing to a demoted one.
+
+A cluster pool is a :class:`SyncCluster` or :class:`AsyncCluster`: redis-py's cluster
+client serves only for the topology (the slot map, read again on :meth:`refresh`) and a
+connection pool per node, whose connections read through the same counting parsers;
+:mod:`~streambroker.routing` decides what goes where.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import ssl
 import time
@@ -25,7 +31,9 @@ from urllib.parse import parse_qsl, urlencode
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.exceptions as rex
 import redis.sentinel
 from redis._parsers import _AsyncHiredisParser, _HiredisParser
@@ -37,16 +45,24 @@ from redis.retry import Retry
 
 from ..config.registry import PoolSpec
 from ..core.effects import ReplyTooLargeError, Send
+from ..core.routing import Refusal
+from ..errors import PoolConnectionError
 from .embedded import EmbeddedServer
 
 __all__ = [
     "MASTER_CHECK_INTERVAL",
+    "AsyncCluster",
     "ConnectionOptions",
     "ReplyBudget",
+    "SyncCluster",
     "async_client",
+    "async_cluster",
     "client_kwargs",
+    "is_error",
+    "refusal_of",
     "reply_budget",
     "sync_client",
+    "sync_cluster",
 ]
 
 log = logging.getLogger("streambroker")
@@ -374,3 +390,205 @@ async def async_client(spec: PoolSpec, options: ConnectionOptions) -> redis.asyn
     client = _client(redis.asyncio.Redis, spec, {**kwargs, "retry": retry})
     client.connection_pool.connection_kwargs["parser_class"] = _AsyncCountingParser
     return client
+
+
+# -- Redis Cluster -----------------------------------------------------------------------
+
+
+def refusal_of(reply: Any) -> Refusal | None:
+    """What refusal of the cluster a raw reply is (``MOVED``, ``ASK``, ``TRYAGAIN``,
+    ``CLUSTERDOWN``: the command did not run), or None."""
+    if not isinstance(reply, rex.ResponseError):
+        return None
+    code = getattr(reply, "status_code", None)
+    return Refusal.parse(code, str(reply)) if isinstance(code, str) else None
+
+
+def is_error(reply: Any) -> bool:
+    """Whether a raw reply is an error reply."""
+    return isinstance(reply, rex.ResponseError)
+
+
+class _CountingConnection(redis.Connection):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "parser_class": _CountingParser})  # type: ignore[no-untyped-call]
+
+
+class _CountingSSLConnection(redis.SSLConnection):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "parser_class": _CountingParser})
+
+
+def _cluster_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any]:
+    """The keyword arguments of a cluster's node connections: the URL's parameters (read
+    by redis-py as for a ``redis://`` URL) over the broker's."""
+    assert spec.url is not None
+    rest = spec.url.partition("://")[2]
+    rest, _, query = rest.partition("?")
+    userinfo, at, _ = rest.rpartition("@")
+    scheme = "rediss" if spec.tls else "redis"
+    parsed: dict[str, Any] = parse_url(f"{scheme}://{userinfo}{at}cluster?{query}")  # type: ignore[no-untyped-call]
+    for key in ("host", "db", "connection_class"):
+        parsed.pop(key, None)
+    kwargs = {**client_kwargs(spec, options), **parsed, "ssl": spec.tls}
+    del kwargs["db"]
+    return kwargs
+
+
+def _unreachable(spec: PoolSpec, exc: BaseException) -> PoolConnectionError:
+    return PoolConnectionError(
+        spec.name, f"no seed node of the cluster answered ({spec.display_address}): {exc}"
+    )
+
+
+class SyncCluster:
+    """The topology of a cluster pool and a connection pool per node (sync)."""
+
+    def __init__(self, spec: PoolSpec, options: ConnectionOptions) -> None:
+        self.spec = spec
+        kwargs = _cluster_kwargs(spec, options)
+        del kwargs["ssl"]  # the connection class says it
+        kwargs["connection_class"] = _CountingSSLConnection if spec.tls else _CountingConnection
+        if spec.tls_warning:
+            log.warning(
+                "redis pool %s (%s): TLS verification is off (%s)",
+                spec.name,
+                spec.display_address,
+                spec.tls_warning,
+            )
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in spec.seeds[1:]]  # type: ignore[no-untyped-call]
+        # Given a URL (of the first seed only), redis-py makes each node's connection pool
+        # of the keyword arguments, connection class included.
+        host, port = spec.seeds[0]
+        seed = f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}"
+        try:
+            self._client = redis.cluster.RedisCluster(url=seed, startup_nodes=nodes, **kwargs)
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            raise _unreachable(spec, exc) from exc
+        self._manager = self._client.nodes_manager
+        #: Whether the slot map must be read again before the next round trip (a
+        #: connection to a node failed: it may have been failed over).
+        self.stale = False
+
+    def owner(self, slot: int) -> str:
+        """The master serving ``slot`` (``host:port``)."""
+        try:
+            name: str = self._manager.get_node_from_slot(slot).name
+        except rex.RedisClusterException as exc:
+            raise PoolConnectionError(self.spec.name, str(exc)) from exc
+        return name
+
+    def masters(self) -> list[str]:
+        """Every master (``host:port``)."""
+        return [node.name for node in self._client.get_primaries()]  # type: ignore[no-untyped-call]
+
+    def pool(self, node: str) -> Any:
+        """The connection pool of ``node``; the slot map is read again for a node not in
+        it (the target of an ``ASK``)."""
+        found = self._manager.get_node(node_name=node)
+        if found is None:
+            self.refresh()
+            found = self._manager.get_node(node_name=node)
+        if found is None or found.redis_connection is None:
+            raise PoolConnectionError(self.spec.name, f"node {node} is not in the cluster")
+        return found.redis_connection.connection_pool
+
+    def refresh(self) -> None:
+        """Read the slot map again."""
+        try:
+            self._manager.initialize()
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            raise _unreachable(self.spec, exc) from exc
+        self.stale = False
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._client.close()
+
+
+class AsyncCluster:
+    """The topology of a cluster pool and the connections of each node (asyncio)."""
+
+    def __init__(self, spec: PoolSpec, client: redis.asyncio.cluster.RedisCluster) -> None:
+        self.spec = spec
+        self._client = client
+        self._manager = client.nodes_manager
+        self._refreshing = asyncio.Lock()
+        self.stale = False
+
+    def owner(self, slot: int) -> str:
+        """The master serving ``slot`` (``host:port``)."""
+        try:
+            return self._manager.get_node_from_slot(slot).name
+        except rex.RedisClusterException as exc:
+            raise PoolConnectionError(self.spec.name, str(exc)) from exc
+
+    def masters(self) -> list[str]:
+        """Every master (``host:port``)."""
+        return [node.name for node in self._client.get_primaries()]
+
+    async def node(self, name: str) -> Any:
+        """The ``ClusterNode`` of ``name`` (its connections: ``acquire_connection``,
+        ``release``); the slot map is read again for a node not in it."""
+        found = self._manager.get_node(node_name=name)
+        if found is None:
+            await self.refresh()
+            found = self._manager.get_node(node_name=name)
+        if found is None:
+            raise PoolConnectionError(self.spec.name, f"node {name} is not in the cluster")
+        return found
+
+    async def refresh(self) -> None:
+        """Read the slot map again (once for callers waiting together)."""
+        async with self._refreshing:
+            try:
+                await self._manager.initialize()
+            except (rex.RedisError, rex.RedisClusterException) as exc:
+                raise _unreachable(self.spec, exc) from exc
+            self.stale = False
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await self._client.aclose()
+
+
+def sync_cluster(spec: PoolSpec, options: ConnectionOptions) -> SyncCluster:
+    """The topology and node connections of the cluster pool ``spec`` (reads its slot map)."""
+    return SyncCluster(spec, options)
+
+
+_ASYNC_CLUSTER_ARGUMENTS = frozenset(
+    inspect.signature(redis.asyncio.cluster.RedisCluster.__init__).parameters
+)
+
+
+async def async_cluster(spec: PoolSpec, options: ConnectionOptions) -> AsyncCluster:
+    """:func:`sync_cluster` for the asyncio face."""
+    kwargs = _cluster_kwargs(spec, options)
+    unsupported = sorted(set(kwargs) - _ASYNC_CLUSTER_ARGUMENTS - {"ssl_password"})
+    if unsupported:
+        raise PoolConnectionError(
+            spec.name, f"the asyncio face cannot pass {', '.join(unsupported)} to a cluster's nodes"
+        )
+    if kwargs.pop("ssl_password", _missing_passphrase) is not _missing_passphrase:
+        raise PoolConnectionError(
+            spec.name, "the asyncio face cannot open a protected client key for a cluster"
+        )
+    if spec.tls_warning:
+        log.warning(
+            "redis pool %s (%s): TLS verification is off (%s)",
+            spec.name,
+            spec.display_address,
+            spec.tls_warning,
+        )
+    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in spec.seeds]
+    client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
+    client.nodes_manager.connection_kwargs["parser_class"] = _AsyncCountingParser
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_kwargs["parser_class"] = _AsyncCountingParser
+    try:
+        await client.initialize()
+    except (rex.RedisError, rex.RedisClusterException) as exc:
+        await client.aclose()
+        raise _unreachable(spec, exc) from exc
+    return AsyncCluster(spec, client)

@@ -17,6 +17,7 @@ import redis.exceptions as rex
 import redis.sentinel
 
 from ..core.effects import (
+    CLUSTER,
     NOPERM,
     OOM,
     READONLY,
@@ -54,7 +55,8 @@ class LoadedScripts:
     """
 
     def __init__(self) -> None:
-        self._held: dict[str, dict[str, bool]] = {}  # per pool: SHA1 -> held by its server
+        # Per pool (per node of a cluster pool, named "<pool> <host:port>"): SHA1 -> held.
+        self._held: dict[str, dict[str, bool]] = {}
         self._unasked: set[str] = set()  # pools whose user may not run SCRIPT EXISTS
 
     def probe(self, pool: str, shas: Sequence[tuple[int, str]]) -> Command | None:
@@ -76,9 +78,12 @@ class LoadedScripts:
         for sha, is_held in zip(probe[2:], reply, strict=True):
             held[str(sha)] = bool(is_held)
 
-    def commands(self, send: Send, shas: Sequence[tuple[int, str]]) -> Sequence[Command]:
-        """The commands of ``send``, with the scripts the server lacks as ``EVAL``."""
-        held = self._held.get(send.pool)
+    def commands(
+        self, send: Send, shas: Sequence[tuple[int, str]], pool: str | None = None
+    ) -> Sequence[Command]:
+        """The commands of ``send``, with the scripts the server lacks as ``EVAL``
+        (``pool``: the name the server is known by here, default the send's pool)."""
+        held = self._held.get(send.pool if pool is None else pool)
         lacking = [index for index, sha in shas if held is not None and not held.get(sha, True)]
         if not lacking:
             return send.commands
@@ -152,6 +157,8 @@ def put_back(send: Send, replies: list[Any], again: Sequence[Any]) -> list[Any]:
 #: A command of a script refused by the ACL makes a plain ``ERR`` reply, not ``NOPERM``:
 #: "ACL failure in script: …" (Valkey), "The user executing the script can't …" (Redis 7.0).
 _SCRIPT_ACL_FAILURES = ("ACL failure in script", "The user executing the script can't")
+#: What a cluster refuses without running the command (``MovedError`` is an ``AskError``).
+_REFUSED = (rex.AskError, rex.TryAgainError, rex.ClusterDownError)
 #: What a command blocked on a master that turns replica gets (Redis and Valkey alike).
 _TURNED_REPLICA = ("UNBLOCKED", "instance state changed")
 
@@ -165,6 +172,9 @@ def reply_error(exc: rex.ResponseError) -> ReplyError:
         return ReplyError(message, NOPERM)
     if isinstance(exc, rex.ReadOnlyError):
         return ReplyError(message, READONLY)
+    if isinstance(exc, _REFUSED):
+        code = getattr(exc, "status_code", None) or type(exc).__name__
+        return ReplyError(f"{code} {message}", CLUSTER)
     if message.startswith(_TURNED_REPLICA[0]) and _TURNED_REPLICA[1] in message:
         return ReplyError(message, UNBLOCKED)
     return ReplyError(message)

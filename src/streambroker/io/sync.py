@@ -12,9 +12,19 @@ import redis
 
 from ..config.registry import ValidatedRegistry
 from ..core import effects as fx
-from ..errors import BrokerError
+from ..core import routing
+from ..errors import BrokerError, PoolError
 from . import replies as rp
-from .connection import ConnectionOptions, read_replies, reply_budget, sync_client
+from .connection import (
+    ConnectionOptions,
+    SyncCluster,
+    is_error,
+    read_replies,
+    refusal_of,
+    reply_budget,
+    sync_client,
+    sync_cluster,
+)
 
 T = TypeVar("T")
 
@@ -79,8 +89,10 @@ class SyncDriver:
         self.options = options
         self._scripts = rp.LoadedScripts()
         self._clients: dict[str, redis.Redis] = {}
+        self._clusters: dict[str, SyncCluster] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._node_executor: ThreadPoolExecutor | None = None
 
     def client(self, pool: str) -> redis.Redis:
         """The client of ``pool``, made (and an embedded server started) on first use."""
@@ -92,6 +104,18 @@ class SyncDriver:
                     client = sync_client(self._registry.pools[pool], self.options)
                     self._clients[pool] = client
         return client
+
+    def cluster(self, pool: str) -> SyncCluster | None:
+        """The topology and node connections of ``pool`` when it is a cluster pool (its
+        slot map read on first use), else None."""
+        found = self._clusters.get(pool)
+        if found is None and self._registry.pools[pool].cluster:
+            with self._lock:
+                found = self._clusters.get(pool)
+                if found is None:
+                    found = sync_cluster(self._registry.pools[pool], self.options)
+                    self._clusters[pool] = found
+        return found
 
     def run(
         self,
@@ -139,34 +163,103 @@ class SyncDriver:
 
     def _send(self, send: fx.Send) -> list[Any]:
         with rp.translated(send.pool):
-            shas = rp.scripts_of(send)
-            if not shas:
-                return rp.settle(send, self._round_trip(send, send.commands))
-            probe = self._scripts.probe(send.pool, shas)
-            if probe is not None:
-                (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe])
-                self._scripts.learn(send.pool, probe, known)
-            replies = self._round_trip(send, self._scripts.commands(send, shas))
-            self._scripts.ran(send.pool, shas, replies)
-            again = rp.missing_scripts(send, replies)
-            if again:
-                replies = rp.put_back(send, replies, self._round_trip(send, again))
-            return rp.settle(send, replies)
+            cluster = self.cluster(send.pool)
+            if cluster is not None:
+                return rp.settle(send, self._on_cluster(send, cluster))
+            pool = self.client(send.pool).connection_pool
+            return rp.settle(send, self._scripted(send, send.pool, pool))
 
-    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
-        """The raw replies to ``commands`` of ``send`` (within its budget), error replies
-        in place."""
+    def _scripted(self, send: fx.Send, server: str, pool: Any) -> list[Any]:
+        """The raw replies to ``send`` on the connections of ``pool`` (of the server
+        known as ``server``), its scripts sent as the server needs them."""
+        shas = rp.scripts_of(send)
+        if not shas:
+            return self._round_trip(send, send.commands, pool)
+        probe = self._scripts.probe(server, shas)
+        if probe is not None:
+            (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe], pool)
+            self._scripts.learn(server, probe, known)
+        replies = self._round_trip(send, self._scripts.commands(send, shas, server), pool)
+        self._scripts.ran(server, shas, replies)
+        again = rp.missing_scripts(send, replies)
+        if again:
+            replies = rp.put_back(send, replies, self._round_trip(send, again, pool))
+        return replies
+
+    def _on_cluster(self, send: fx.Send, cluster: SyncCluster) -> list[Any]:
+        """The raw replies to ``send`` on a cluster pool, as :func:`routing.route` routes
+        them: its pieces sent to their nodes concurrently."""
+        if cluster.stale:
+            cluster.refresh()
+        steps = routing.route(send.commands, cluster, refusal_of, is_error)
+        result: Any = None
+        send.received = 0
+        while True:
+            try:
+                request = steps.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            except routing.RoutingError as exc:
+                raise PoolError(send.pool, str(exc)) from None
+            result = None
+            if isinstance(request, routing.Pieces):
+                result = self._pieces(send, cluster, request.pieces)
+            elif isinstance(request, routing.Refresh):
+                cluster.refresh()
+            else:
+                time.sleep(request.seconds)
+
+    def _pieces(
+        self, send: fx.Send, cluster: SyncCluster, pieces: list[routing.Piece]
+    ) -> list[list[Any]]:
+        def piece(piece: routing.Piece) -> list[Any]:
+            sub = fx.Send(send.pool, piece.commands, budget=send.budget)
+            try:
+                replies = self._scripted(sub, f"{send.pool} {piece.node}", cluster.pool(piece.node))
+            except BaseException:
+                cluster.stale = True  # the node may have failed: read the slot map again
+                raise
+            finally:
+                send.received += sub.received
+            return replies
+
+        if len(pieces) <= 1:
+            return [piece(each) for each in pieces]
+        with self._lock:
+            if self._node_executor is None:
+                self._node_executor = ThreadPoolExecutor(
+                    max_workers=64, thread_name_prefix="streambroker-node"
+                )
+            executor = self._node_executor
+        futures = [executor.submit(piece, each) for each in pieces[1:]]
+        results: list[list[Any]] = []
+        error: BaseException | None = None
+        try:
+            results.append(piece(pieces[0]))
+        except BaseException as exc:
+            error = exc
+        for future in futures:  # every piece finished before anything is raised
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command], pool: Any) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` on a connection of ``pool`` (within
+        the send's budget), error replies in place."""
         name = send.pool
-        pool = self.client(name).connection_pool
         with rp.translated(name, self._registry.pools[name].tls):
             connection = pool.get_connection()
         budget = reply_budget(connection)
         try:
-            connection.send_packed_command(rp.pack(commands))  # type: ignore[no-untyped-call]
+            connection.send_packed_command(rp.pack(commands))
             budget.start(send)
             replies = read_replies(connection, len(commands))
         except BaseException:
-            connection.disconnect()  # type: ignore[no-untyped-call]
+            connection.disconnect()
             raise
         finally:
             budget.stop()
@@ -197,8 +290,13 @@ class SyncDriver:
         """Close every connection and the worker threads."""
         with self._lock:
             clients, self._clients = self._clients, {}
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+            clusters, self._clusters = self._clusters, {}
+            executors = [self._executor, self._node_executor]
+            self._executor = self._node_executor = None
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=True)
         for client in clients.values():
             client.close()
+        for cluster in clusters.values():
+            cluster.close()

@@ -1,0 +1,379 @@
+"""Pools on Redis Cluster: the address form, and a pool's work over a cluster's nodes
+(streams on each of three masters), on both server kinds and both faces: publish and
+batches, one group reading streams of every node, retries, dead letters and replay,
+garbage collection, stats, ``read`` and the CLI; a slot migrated under a running
+publisher and consumer; the replies of a round trip split over the nodes, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import streambroker as sb
+from streambroker.apps.cli import app
+from streambroker.core import effects as fx
+from streambroker.core.routing import key_slot
+from streambroker.io.aio import AsyncDriver
+from streambroker.io.connection import ConnectionOptions
+from streambroker.io.sync import SyncDriver
+
+from .conftest import OpenBroker, wait_for
+from .servers import ClusterSet, ServerProcess
+
+FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
+
+
+def spread(cluster: ClusterSet, prefix: str = "s") -> list[str]:
+    """Three stream names, one on each master (in the masters' order)."""
+    names: dict[int, str] = {}
+    n = 0
+    while len(names) < len(cluster.masters):
+        name = f"{prefix}{n}"
+        names.setdefault(cluster.node_of(name).port, name)
+        n += 1
+    return [names[master.port] for master in cluster.masters]
+
+
+def cluster_registry(cluster: ClusterSet, streams: Sequence[str]) -> sb.ValidatedRegistry:
+    r = sb.Registry()
+    r.register_redis(cluster.url())
+    for name in streams:
+        r.register_stream(name, "default", ["billing", "audit"])
+    return r.validate()
+
+
+def registry(address: str, pool: str = "default") -> sb.ValidatedRegistry:
+    r = sb.Registry()
+    r.register_redis(address, pool=pool)
+    r.register_stream("orders", pool, ["billing"])
+    return r.validate()
+
+
+def problems(address: str, db: int | None = None) -> list[str]:
+    r = sb.Registry()
+    r.register_redis(address, db, pool="main")
+    r.register_stream("orders", "main", ["billing"])
+    with pytest.raises(sb.ConfigError) as caught:
+        r.validate()
+    return list(caught.value.problems)
+
+
+# -- the address form, without a server ------------------------------------------------
+
+
+def test_cluster_address_is_parsed() -> None:
+    url = "redis+cluster://app:s3cret@10.0.0.1:7000,node-b:7001,[::1]:7002"
+    spec = registry(url).pools["default"]
+
+    assert (spec.kind, spec.cluster, spec.db, spec.tls) == ("cluster", True, 0, False)
+    assert spec.seeds == (("10.0.0.1", 7000), ("node-b", 7001), ("::1", 7002))
+    assert spec.display_address == "redis+cluster://app:***@10.0.0.1:7000,node-b:7001,[::1]:7002"
+    assert "s3cret" not in repr(spec)
+    tls = registry("rediss+cluster://h:7000/0?ssl_ca_certs=/ca.pem&db=0").pools["default"]
+    assert (tls.tls, tls.db, tls.seeds, tls.tls_warning) == (True, 0, (("h", 7000),), None)
+    unverified = registry("rediss+cluster://h:7000?ssl_cert_reqs=none").pools["default"]
+    assert unverified.tls_warning is not None
+
+
+def test_cluster_credentials_are_masked() -> None:
+    spec = registry("rediss+cluster://app:p4ss@h:7000?password=p5ss&ssl_password=k3y")
+    shown = spec.pools["default"].display_address
+    assert [secret for secret in ("p4ss", "p5ss", "k3y") if secret in shown] == []
+    (problem,) = problems("redis+cluster://h:7000?password=a&b=c")
+    assert "b=c" not in problem
+    assert "main" in problem
+
+
+@pytest.mark.parametrize(
+    ("address", "db", "expected"),
+    [
+        ("redis+cluster://h:7000/2", None, "selects db 2 in its path: a Redis Cluster has"),
+        ("redis+cluster://h:7000?db=1", None, "selects db 1 in its query"),
+        ("redis+cluster://h:7000", 3, "db=3 was given: a Redis Cluster has database 0 only"),
+        ("redis+cluster://h:7000/x", None, "db 'x' is not a number"),
+        ("redis+cluster://", None, "cannot parse cluster node ''"),
+        ("redis+cluster://h", None, "cannot parse cluster node 'h': expected host:port"),
+        ("redis+cluster://h:7000,,g:7000", None, "cannot parse cluster node ''"),
+        ("redis+cluster://h:99999", None, "cluster node port 99999 is out of range"),
+        ("redis+cluster://h:7000?ssl_cert_reqs=none", None, "applies only to rediss://"),
+        ("redis+cluster://h:7000?sentinel_password=x", None, "is not accepted"),
+        ("redis+cluster://h:7000?protocol=3", None, "parameter 'protocol' is not accepted"),
+    ],
+)
+def test_bad_cluster_addresses_are_config_errors(
+    address: str, db: int | None, expected: str
+) -> None:
+    (problem,) = problems(address, db)
+    assert problem.startswith("redis pool main: ")
+    assert expected in problem
+
+
+def test_cluster_address_in_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "streambroker.yaml"
+    path.write_text(
+        "main:\n"
+        "    redis: redis+cluster://app:s3cret@10.0.0.1:7000,10.0.0.2:7000\n"
+        "    streams: {orders: [billing]}\n"
+        "other:\n"
+        "    redis: redis+cluster://10.0.0.1:7000\n"
+        "    db: 2\n"
+        "    streams: {audit: [billing]}\n"
+    )
+    with pytest.raises(sb.ConfigError) as caught:
+        sb.Registry.from_yaml(path).validate()
+    (problem,) = caught.value.problems
+    assert "redis pool other" in problem
+    assert "database 0 only" in problem
+    path.write_text(path.read_text().replace("    db: 2\n", "    db: 0\n"))
+    spec = sb.Registry.from_yaml(path).validate().pools["main"]
+    assert (spec.kind, len(spec.seeds)) == ("cluster", 2)
+    assert "s3cret" not in spec.display_address
+
+
+# -- a pool's work over the cluster's nodes ---------------------------------------------
+
+
+def test_cluster_pool_publishes_consumes_and_reports(
+    cluster: ClusterSet, open_broker: OpenBroker, tmp_path: Path
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    first = broker.publish(streams[0], {"n": 0})
+    with broker.batch() as batch:
+        for n in range(1, 10):
+            poison = "yes" if n == 4 else "no"
+            batch.publish(streams[n % 3], {"n": n}, {"poison": poison})
+    assert len(batch.ids) == 9
+    for name in streams:  # each stream lives on its own master
+        assert cluster.node_of(name).client().xlen(name) == (4 if name == streams[0] else 3)
+
+    handled: list[tuple[int, int]] = []
+
+    def handle(events: list[sb.Event]) -> None:
+        for event in events:
+            if event.meta.get("poison") == "yes":
+                event.fail(RuntimeError("poison"))
+            else:
+                handled.append((event.body["n"], event.delivery_count))
+
+    consumer = broker.consumer("billing", **{**FAST, "max_deliveries": 2})
+    consumer.consume(handle, block=False)
+    poisoned = streams[1]
+
+    def dead() -> list[sb.DeadLetter]:
+        consumer.consume(handle, block=False)
+        return broker.dead_letters(poisoned, "billing")
+
+    wait_for(dead, 20, "the poison event to be a dead letter")
+    (letter,) = broker.dead_letters(poisoned, "billing")
+    assert letter.event.body == {"n": 4}
+    assert sorted(handled) == [(n, 1) for n in range(10) if n != 4]
+    assert first in [event.id for event in broker.read(streams[0])]
+
+    # The dead letter is put back: read again by billing only.
+    assert broker.replay_dead_letters(poisoned, "billing") == 1
+    replayed: list[sb.Event] = []
+    wait_for(
+        lambda: consumer.consume(replayed.extend, block=False) or replayed,
+        20,
+        "the replayed event to be read",
+    )
+    assert [event.body for event in replayed] == [{"n": 4}]
+
+    # audit reads the three streams; then garbage collection empties each node.
+    audited: list[int] = []
+    audit = broker.consumer("audit", **FAST)
+    wait_for(
+        lambda: (
+            audit.consume(lambda es: audited.extend(e.body["n"] for e in es), count=3, block=False)
+            or len(audited) == 10
+        ),
+        20,
+        "audit to read every event",
+    )
+    broker.collect_garbage(*streams)
+    for name in streams:
+        assert cluster.node_of(name).client().xlen(name) == 0
+        stats = broker.stream_stats(name)
+        assert (stats.length, stats.entries_added) == (0, 4 if name == streams[0] else 3)
+    billing = broker.group_stats(poisoned, "billing")
+    assert (billing.lag, billing.pending, billing.dead_letters) == (0, 0, 0)
+
+    config = tmp_path / "streambroker.yaml"
+    config.write_text(
+        f"default:\n    redis: {cluster.url()}\n    streams:\n"
+        + "".join(f"        {name}: [billing, audit]\n" for name in streams)
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["stats", "--json", "-c", str(config)], env={"COLUMNS": "80"})
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    data = json.loads(result.stdout)
+    assert sorted((row["stream"], row["length"]) for row in data) == sorted(
+        (name, 0) for name in streams
+    )
+    broker.publish(streams[2], {"n": 10}, {"poison": "yes"})
+    result = runner.invoke(app, ["dead-letters", streams[2], "billing", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["tail", streams[2], "-g", "billing", "--count", "1", "--json", "-c", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["body"] == {"n": 10}
+
+
+def test_scripts_are_loaded_on_every_master(cluster: ClusterSet, open_broker: OpenBroker) -> None:
+    broker = open_broker(cluster_registry(cluster, spread(cluster)))
+    loaded = broker.load_scripts()
+    assert set(loaded) == {"default"}
+    shas = [script.sha for script in fx.scripts()]
+    for master in cluster.masters:
+        assert all(master.client().script_exists(*shas))
+
+
+def test_a_group_blocks_on_three_nodes_at_once(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **{**FAST, "block_timeout": 5.0})
+    consumer.consume(lambda events: None, block=False)  # the groups exist
+    got: list[str] = []
+    thread = threading.Thread(
+        target=consumer.consume, args=(lambda events: got.extend(e.stream for e in events),)
+    )
+    thread.start()
+    try:
+        for name in reversed(streams):
+            broker.publish(name, {"to": name})
+        wait_for(lambda: len(got) >= 3, 20, "the three events to be read")
+    finally:
+        consumer.stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert sorted(got) == sorted(streams)
+
+
+# -- a slot migrated under a publisher and a consumer -------------------------------------
+
+
+def _migrate(cluster: ClusterSet, key: str, source: ServerProcess, target: ServerProcess) -> None:
+    """Move the slot of ``key`` from ``source`` to ``target``, its keys with it
+    (``MIGRATE``), as an operator resharding does."""
+    slot = key_slot(key)
+    src, dst = source.client(), target.client()
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    for node in cluster.masters:
+        node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+    def moved() -> bool:
+        try:
+            src.xlen(key)
+        except redis.ResponseError as exc:
+            return "MOVED" in str(exc) or str(exc).startswith(str(slot))
+        return False
+
+    wait_for(moved, 20, "the slot to move")
+
+
+def test_a_moved_slot_is_followed_without_loss_or_duplicate(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **FAST)
+    consumer.consume(lambda events: None, block=False)
+    published: list[int] = []
+    for n in range(20):
+        broker.publish(streams[n % 3], {"n": n})
+        published.append(n)
+    seen: Counter[int] = Counter()
+    consumer.consume(lambda es: seen.update(e.body["n"] for e in es), count=5, block=False)
+
+    home, elsewhere = cluster.masters[0], cluster.masters[1]
+    _migrate(cluster, streams[0], home, elsewhere)  # the client's slot map is stale now
+    try:
+        for n in range(20, 40):
+            broker.publish(streams[n % 3], {"n": n})
+            published.append(n)
+        wait_for(
+            lambda: (
+                consumer.consume(lambda es: seen.update(e.body["n"] for e in es), block=False)
+                or sum(seen.values()) >= 40
+            ),
+            30,
+            "every event to be read",
+        )
+        assert elsewhere.client().xlen(streams[0]) == 14
+    finally:
+        _migrate(cluster, streams[0], elsewhere, home)  # as the other tests expect
+    assert sorted(seen) == published
+    assert max(seen.values()) == 1  # none twice
+
+
+# -- the replies of a split round trip, in order ------------------------------------------
+
+
+def _incr_op(keys: list[str]) -> fx.Op[list[Any]]:
+    replies = yield fx.Send("default", [("INCR", key) for key in keys])
+    return list(replies)
+
+
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_split_round_trips_reply_in_order(cluster_set: ClusterSet, face: str) -> None:
+    cluster_set.wait_ready()
+    registry = cluster_registry(cluster_set, ["orders"])
+    options = ConnectionOptions()
+    names = st.lists(st.sampled_from([f"k{n}" for n in range(12)] + ["{t}a", "{t}b"]), max_size=40)
+    loop = asyncio.new_event_loop()
+    sync_driver = SyncDriver(registry, options)
+    async_driver = AsyncDriver(registry, options)
+    counts: Counter[str] = Counter()
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(names)
+    def check(keys: list[str]) -> None:
+        if face == "sync":
+            replies = sync_driver.run(_incr_op(keys))
+        else:
+            replies = loop.run_until_complete(async_driver.run(_incr_op(keys)))
+        expected = []
+        for key in keys:
+            counts[key] += 1
+            expected.append(counts[key])
+        assert replies == expected
+
+    try:
+        cluster_set.flush()
+        check()
+    finally:
+        sync_driver.close()
+        loop.run_until_complete(async_driver.close())
+        loop.close()
+    assert len({cluster_set.node_of(key).port for key in counts}) == 3
+
+
+def test_an_unreachable_cluster_is_a_connection_error_naming_the_pool(
+    open_broker: OpenBroker,
+) -> None:
+    from .conftest import free_port
+
+    broker = open_broker(registry(f"redis+cluster://127.0.0.1:{free_port()}", pool="east"))
+    with pytest.raises(sb.PoolConnectionError) as caught:
+        broker.publish("orders", 1)
+    assert caught.value.pool == "east"
+    assert "no seed node of the cluster answered" in str(caught.value)
