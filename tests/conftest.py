@@ -29,6 +29,7 @@ from .servers import (
     free_port,
     server_binary,
 )
+from .topologies import TOPOLOGIES, ClusterPool, SentinelPool
 
 __all__ = ["Server", "free_port"]
 
@@ -79,14 +80,61 @@ def _started(kind: str, servers: dict[str, Server], tmp: pytest.TempPathFactory)
     return server
 
 
-@pytest.fixture(params=SERVER_KINDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking ``server`` run once per server kind; those marked ``anywhere`` also
+    on a cluster and behind sentinels of each kind."""
+    if "server" in metafunc.fixturenames:
+        anywhere = metafunc.definition.get_closest_marker("anywhere") is not None
+        metafunc.parametrize("server", TOPOLOGIES if anywhere else SERVER_KINDS, indirect=True)
+
+
+@pytest.fixture
 def server(
     request: pytest.FixtureRequest,
     _servers: dict[str, Server],
+    _clusters: dict[tuple[str, bool], ClusterSet],
+    _sentinel_sets: dict[str, SentinelSet],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Server:
-    """A flushed server of each kind in turn (the test runs once per kind)."""
-    return _started(request.param, _servers, tmp_path_factory)
+) -> Any:
+    """A flushed server of each kind in turn (the test runs once per kind); for tests
+    marked ``anywhere``, then a flushed cluster and Sentinel service of each kind."""
+    kind, _, topology = str(request.param).partition("-")
+    pool: ClusterPool | SentinelPool
+    if topology == "cluster":
+        cluster = _cluster(kind, False, _clusters, tmp_path_factory)
+        cluster.wait_ready()
+        pool = ClusterPool(cluster)
+    elif topology == "sentinel":
+        pool = SentinelPool(_sentinel_set(kind, _sentinel_sets, tmp_path_factory))
+    else:
+        return _started(kind, _servers, tmp_path_factory)
+    pool.flush()
+    return pool
+
+
+@pytest.fixture(scope="session")
+def _sentinel_sets() -> Iterator[dict[str, SentinelSet]]:
+    sets: dict[str, SentinelSet] = {}
+    yield sets
+    for sentinels in sets.values():
+        sentinels.stop()
+
+
+def _sentinel_set(
+    kind: str, sets: dict[str, SentinelSet], tmp: pytest.TempPathFactory
+) -> SentinelSet:
+    """The Sentinel set of ``kind``, started at its first use in the session."""
+    sentinels = sets.get(kind)
+    if sentinels is None:
+        sentinels = SentinelSet(kind, _require_binary(kind), tmp.mktemp(f"sentinels-{kind}"))
+        try:
+            sentinels.start()
+        except BaseException:
+            sentinels.stop()
+            raise
+        sets[kind] = sentinels
+    sentinels.wait_known()
+    return sentinels
 
 
 @pytest.fixture
@@ -241,7 +289,7 @@ def seed_registry(address_default: str, address_second: str) -> sb.ValidatedRegi
 @pytest.fixture
 def config(server: Server) -> sb.ValidatedRegistry:
     """The seed's registry on ``server``: pool default in db 0, pool second in db 3."""
-    return seed_registry(f"{server.address}:0", f"{server.address}:3")
+    return seed_registry(server.pool_address(0), server.pool_address(3))
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,10 @@ class ServerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def pool_address(self, db: int = 0) -> str:
+        """The address of database ``db`` as a pool is registered with it."""
+        return f"{self.address}:{db}"
+
     def client(self, db: int = 0) -> redis.Redis:
         """A plain redis-py client."""
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=60)

@@ -11,6 +11,8 @@ from streambroker.wire.keys import dead_letter_key, replay_key
 from .conftest import Server
 from .test_limits import MAX_COPIED_FIELDS, packed_dead_letter
 
+pytestmark = pytest.mark.anywhere
+
 
 def _spec(stream: str) -> sb.StreamSpec:
     """A stream of the seed's registry, for the names of its side keys."""

@@ -10,6 +10,8 @@ import streambroker as sb
 
 from .conftest import Server
 
+pytestmark = pytest.mark.anywhere
+
 FAST: sb.ConsumerSettings = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2}
 #: Heartbeats every 0.33 s keep events that retry_after would give away after 1.5 s.
 PATIENT: sb.ConsumerSettings = {**FAST, "retry_after": 1.5}

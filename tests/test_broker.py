@@ -12,6 +12,8 @@ import streambroker as sb
 
 from .conftest import OpenBroker, Server, free_port, wait_for
 
+pytestmark = pytest.mark.anywhere
+
 ID = re.compile(r"^\d+-\d+$")
 
 
@@ -371,7 +373,7 @@ def _check_group_across_pools(config: sb.ValidatedRegistry, open_broker: OpenBro
 
 
 def test_group_reading_streams_in_two_pools(server: Server, open_broker: OpenBroker) -> None:
-    config = _two_pool_config(f"{server.address}:1", f"{server.address}:2")
+    config = _two_pool_config(server.pool_address(1), server.pool_address(2))
     _check_group_across_pools(config, open_broker)
 
 
@@ -385,7 +387,7 @@ def test_group_reading_streams_on_two_servers(
 def test_blocking_read_across_two_pools_delivers_from_either(
     server: Server, running: list[threading.Thread], open_broker: OpenBroker
 ) -> None:
-    config = _two_pool_config(f"{server.address}:1", f"{server.address}:2")
+    config = _two_pool_config(server.pool_address(1), server.pool_address(2))
     with open_broker(config) as broker:
         consumer = broker.consumer("audit", block_timeout=0.2)
         recorder = Recorder()

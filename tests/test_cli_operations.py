@@ -21,6 +21,8 @@ from streambroker.apps.cli import app, event_time
 from .conftest import Server, wait_for
 from .test_cli import CLI, cli_env, client, invoke, output, project, run, started, stop_cleanly
 
+pytestmark = pytest.mark.anywhere
+
 __all__ = ["client", "project"]
 
 

@@ -24,6 +24,8 @@ import streambroker as sb
 
 from .conftest import OpenBroker, Server
 
+pytestmark = pytest.mark.anywhere
+
 
 @dataclass
 class Order:

@@ -21,6 +21,8 @@ import streambroker as sb
 
 from .conftest import OpenBroker, Server, wait_for
 
+pytestmark = pytest.mark.anywhere
+
 
 def ids_in(client: redis.Redis, stream: str) -> list[str]:
     return [entry_id.decode() for entry_id, _ in client.xrange(stream)]
@@ -181,7 +183,7 @@ def test_no_event_is_removed_before_every_group_acked_it(
     """Random interleavings of publish, read, ack, fail, claim, dead-letter, leave, forget
     and collect."""
     registry = sb.Registry()
-    registry.register_redis(f"{server.address}:5")
+    registry.register_redis(server.pool_address(5))
     for stream, groups in STREAM_GROUPS.items():
         registry.register_stream(stream, "default", list(groups))
     config = registry.validate()

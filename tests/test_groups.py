@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 
 import streambroker as sb
@@ -14,6 +15,8 @@ from streambroker.wire.keys import dead_letter_key, replay_key
 
 from .conftest import SEED_YAML_TEMPLATE, Server
 from .test_cli import invoke
+
+pytestmark = pytest.mark.anywhere
 
 
 def _spec(stream: str) -> sb.StreamSpec:
@@ -100,7 +103,7 @@ def test_read_only_operations_create_nothing(
     assert broker.collect_garbage() == {"stream-a": 0, "stream-b": 0, "stream-c": 0}
     config = tmp_path / "streambroker.yaml"
     config.write_text(
-        SEED_YAML_TEMPLATE.format(default=f"{server.address}:0", second=f"{server.address}:3")
+        SEED_YAML_TEMPLATE.format(default=server.pool_address(0), second=server.pool_address(3))
     )
     for command in (["stats"], ["dead-letters", "stream-a", "read-group-a"], ["gc"]):
         code, _, stderr = invoke(*command, "--config", str(config))
@@ -133,7 +136,7 @@ def test_stats_show_a_group_not_created_yet(
 
     config = tmp_path / "streambroker.yaml"
     config.write_text(
-        SEED_YAML_TEMPLATE.format(default=f"{server.address}:0", second=f"{server.address}:3")
+        SEED_YAML_TEMPLATE.format(default=server.pool_address(0), second=server.pool_address(3))
     )
     code, stdout, stderr = invoke("stats", "stream-a", "--config", str(config))
     assert code == 0, stderr

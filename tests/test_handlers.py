@@ -18,6 +18,8 @@ from streambroker.apps.worker import AsyncWorker, Worker
 
 from .conftest import Server, seed_registry, wait_for
 
+pytestmark = pytest.mark.anywhere
+
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.1, "retry_delay": 0.01}
 
 
@@ -28,7 +30,7 @@ class Painting:
 
 
 def config_of(server: Server) -> sb.ValidatedRegistry:
-    return seed_registry(f"{server.address}:0", f"{server.address}:3")
+    return seed_registry(server.pool_address(0), server.pool_address(3))
 
 
 class Seen:

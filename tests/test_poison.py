@@ -25,6 +25,8 @@ from streambroker.wire.events import Event
 
 from .conftest import OpenBroker, Server, seed_registry, wait_for
 
+pytestmark = pytest.mark.anywhere
+
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
 
 
@@ -128,7 +130,7 @@ def test_only_poison_events_reach_the_dead_letters(
     """Whatever the batches and the poison, the dead letters are exactly the events that
     always fail, each handed alone on its last delivery, recording that count."""
     server.flush()
-    broker = open_broker(seed_registry(f"{server.address}:0", f"{server.address}:3"))
+    broker = open_broker(seed_registry(server.pool_address(0), server.pool_address(3)))
     poison = {p for p in poison if p < events}
     for n in range(events):
         broker.publish("stream-b", n)
@@ -213,7 +215,7 @@ def test_a_consumer_killed_by_its_event_buries_only_that_event(
 ) -> None:
     """The handler SIGKILLs its process on the poison event; the process is started
     again each time, as a supervisor would, until the stream is drained."""
-    config = seed_registry(f"{server.address}:0", f"{server.address}:3")
+    config = seed_registry(server.pool_address(0), server.pool_address(3))
     with config.broker() as broker:
         for n in range(10):
             broker.publish("stream-a", n)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
+from streambroker.core import effects as fx
+from streambroker.core.leases import renew_command
 
 from .conftest import OpenBroker, Server, _require_binary, wait_for
 from .servers import SERVER_KINDS
@@ -138,3 +140,39 @@ def test_every_consumer_says_once_that_its_group_was_lost(
         "consumer one of group read-group-a",
         "consumer two of group read-group-a",
     ], reports
+
+
+def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
+    config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer paused after it timed a renewal but before sending it (a SIGSTOP can
+    land there) finds its lease expired when the renewal arrives, and says so: the lease
+    ran out, the server lost nothing. (Timed from the sending alone, the renewal looked
+    sent in time, and the consumer reported a loss and recreated its groups.)"""
+    lease = 0.5
+    with config.broker() as broker:
+        consumer = broker.consumer(
+            "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
+        )
+        core = consumer._core
+        driver = broker._driver
+        renew_sha = renew_command("", "g", "c", "t", 1)[1]
+        driving = fx.Driving(core.consume(10, True))
+        paused = False
+        deadline = time.monotonic() + 30
+        while not driving.done:
+            assert time.monotonic() < deadline, "the consumer did not stop"
+            effect = driving.effect
+            if isinstance(effect, fx.Handle):
+                driving.resume(None, None)
+                continue
+            sends = effect.sends if isinstance(effect, fx.Parallel) else []
+            if not paused and any(c[1] == renew_sha for s in sends for c in s.commands):
+                time.sleep(2 * lease)  # as if stopped between timing and sending
+                paused = True
+                core.stopping = True
+            driving.resume(*fx.outcome(driver._perform, effect, None))
+    assert paused
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "the server lost data" in m], messages
+    assert [m for m in messages if "its lease expired" in m], messages

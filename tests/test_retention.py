@@ -30,6 +30,8 @@ from streambroker.wire.keys import dead_letter_key
 from .conftest import OpenBroker, Server
 from .test_gc import fail_after_acking, ignore
 
+pytestmark = pytest.mark.anywhere
+
 GROUPS = ("ga", "gb")
 LOST = re.compile(r"group (\S+) lost (\d+) unread and (\d+) pending")
 
@@ -37,7 +39,7 @@ LOST = re.compile(r"group (\S+) lost (\d+) unread and (\d+) pending")
 def registry(server: Server, db: int = 0, **limits: float) -> sb.ValidatedRegistry:
     """Stream ``s`` read by ga and gb, with ``limits``."""
     reg = sb.Registry()
-    reg.register_redis(f"{server.address}:{db}")
+    reg.register_redis(server.pool_address(db))
     reg.register_stream("s", "default", list(GROUPS), **limits)  # type: ignore[arg-type]
     return reg.validate()
 

@@ -12,6 +12,8 @@ from streambroker.core.stats import holding_back_warning
 from .conftest import Server, wait_for
 from .test_gc import fail_after_acking
 
+pytestmark = pytest.mark.anywhere
+
 FAST = {"retry_after": 0.5, "lease": 1.0, "block_timeout": 0.2, "retry_delay": 0.01}
 
 

@@ -770,19 +770,22 @@ class ConsumerCore:
             )
 
     def _renewed(self, reply: Any, sent_at: float) -> bool:
-        """Take in the reply of a lease renewal sent at ``sent_at``; False when another
-        process took the name.
+        """Take in the reply of a lease renewal sent at ``sent_at``, just arrived; False
+        when another process took the name.
 
-        The lease was set a little after the previous renewal was sent: timing from the
-        sending (not the reply) tells a lease that expired from one the server lost.
+        The previous renewal set the lease after it was sent, and this one ran before
+        its reply arrived (now): only when now is less than a lease after the previous
+        sending did the lease vanish before it could expire. (This renewal's own sending
+        time says nothing: the process may have been paused between taking it and
+        sending.)
         """
         if reply == 0:
             self._lease_lost = True
             return False
-        now = sent_at
+        since = time.monotonic() - self._renewed_at
         if reply != LEASE_RETAKEN:
             self._loss_reported = False
-        elif now - self._renewed_at < self.options.lease:
+        elif since < self.options.lease:
             self._report_loss(self._lease_pool, "its lease vanished")
         else:
             self.log.warning(
@@ -790,9 +793,9 @@ class ConsumerCore:
                 "%.1f s, longer than the lease) and nobody took the name; it goes on",
                 self.name,
                 self.group,
-                now - self._renewed_at,
+                since,
             )
-        self._renewed_at = now
+        self._renewed_at = sent_at
         return True
 
     def _screen(self, events: list[Event]) -> list[Event]:
