@@ -529,3 +529,92 @@ def test_failover_publisher_and_consumer_carry_on(
     # yet: without wait_replicas, the library owes only what was not lost by the server.
     assert unexpected == set()
     assert len(lost) <= 5, lost
+
+
+def test_cli_operations_on_a_cluster(cluster: ClusterSet, tmp_path: Path) -> None:
+    streams = spread(cluster)
+    config = tmp_path / "streambroker.yaml"
+    config.write_text(
+        f"default:\n    redis: {cluster.url()}\n    streams:\n"
+        + "".join(f"        {name}: [billing, audit]\n" for name in streams)
+    )
+    runner = CliRunner()
+
+    def invoke(*args: str) -> str:
+        result = runner.invoke(app, [*args, "-c", str(config)], env={"COLUMNS": "100"})
+        assert (result.exit_code, result.stderr) == (0, ""), result.output
+        return result.stdout
+
+    invoke("scripts", "load")
+    shas = [script.sha for script in fx.scripts()]
+    for master in cluster.masters:
+        assert all(master.client().script_exists(*shas))
+    for name in streams:
+        invoke("publish", name, json.dumps({"on": name}))
+    broker = cluster_registry(cluster, streams).broker()
+    try:
+        for group in ("billing", "audit"):
+            broker.consumer(group, **FAST).consume(lambda events: None, block=False)
+        invoke("gc")
+        assert [cluster.node_of(name).client().xlen(name) for name in streams] == [0, 0, 0]
+        for name in streams:
+            broker.publish(name, {"again": name})
+        invoke("group", "reset", streams[1], "billing", "--to", "0", "--force")
+        assert broker.group_stats(streams[1], "billing").lag == 1
+        invoke("purge", streams[2], "--yes")
+        assert cluster.node_of(streams[2]).client().xlen(streams[2]) == 0
+        cluster.node_of(streams[0]).client().xgroup_create(streams[0], "old", id="0")
+        invoke("group", "delete", streams[0], "old", "--yes")
+        assert [
+            g["name"] for g in cluster.node_of(streams[0]).client().xinfo_groups(streams[0])
+        ] == [
+            b"audit",
+            b"billing",
+        ]
+    finally:
+        broker.close()
+
+
+def test_a_slot_being_migrated_is_followed_with_asking(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **FAST)
+    consumer.consume(lambda events: None, block=False)
+    broker.publish(streams[0], {"n": 0})
+    home, target = cluster.masters[0], cluster.masters[2]
+    slot = key_slot(streams[0])
+    src, dst = home.client(), target.client()
+    src_id, dst_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+    dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+    try:
+        # The stream moved, the slot not yet: its old node answers ASK for it, and a
+        # publish goes on to the new one with ASKING.
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, streams[0], 0, 5000)
+        broker.publish(streams[0], {"n": 1})
+        asking = redis.Redis(port=target.port, single_connection_client=True)
+        try:
+            asking.execute_command("ASKING")
+            assert asking.xlen(streams[0]) == 2
+        finally:
+            asking.close()
+    finally:
+        while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in cluster.masters:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    try:
+        # Reading a slot whose keys are split over two nodes is refused (TRYAGAIN) until
+        # the migration ends; then the new owner serves both events, once each.
+        seen: list[int] = []
+        until(
+            consumer,
+            lambda es: seen.extend(e.body["n"] for e in es),
+            lambda: len(seen) >= 2,
+            "both events to be read",
+        )
+        assert sorted(seen) == [0, 1]
+    finally:
+        _migrate(cluster, streams[0], target, home)
