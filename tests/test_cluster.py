@@ -618,3 +618,68 @@ def test_a_slot_being_migrated_is_followed_with_asking(
         assert sorted(seen) == [0, 1]
     finally:
         _migrate(cluster, streams[0], target, home)
+
+
+def test_reply_budgets_hold_on_each_node(cluster: ClusterSet, open_broker: OpenBroker) -> None:
+    limit = 1 << 20
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams), max_entry_size=limit)
+    broker.consumer("billing", **FAST).consume(lambda events: None, block=False)
+    published = [broker.publish(name, {"on": name}) for name in streams]
+    huge_stream = streams[1]
+    huge = (
+        cluster.node_of(huge_stream)
+        .client()
+        .xadd(huge_stream, {"$body": b"x" * (8 << 20), "$codec": "msgpack"})
+    )
+    published += [broker.publish(name, {"after": name}) for name in streams]
+    handled: list[str] = []
+
+    until(
+        broker.consumer("billing", **FAST),
+        lambda events: handled.extend(e.id for e in events),
+        lambda: len(handled) >= 6,
+        "the events around the huge one to be handled",
+    )
+
+    assert sorted(handled) == sorted(published)
+    (letter,) = broker.dead_letters(huge_stream, "billing")
+    assert letter.event.id == huge.decode()
+    assert "max_entry_size" in letter.error
+
+
+def _range_op(keys: list[str], budget: int) -> fx.Op[list[Any]]:
+    replies = yield fx.Send("default", [("XRANGE", key, "-", "+") for key in keys], budget=budget)
+    return list(replies)
+
+
+@pytest.mark.parametrize("face", ["sync", "asyncio"])
+def test_a_piece_over_the_budget_stops_being_read(cluster: ClusterSet, face: str) -> None:
+    streams = spread(cluster)
+    registry = cluster_registry(cluster, streams)
+    for name in streams:
+        cluster.node_of(name).client().xadd(name, {"f": b"x" * (64 << 10)})
+    loop = asyncio.new_event_loop()
+    sync_driver = SyncDriver(registry, ConnectionOptions())
+    async_driver = AsyncDriver(registry, ConnectionOptions())
+
+    def run(op: fx.Op[list[Any]]) -> list[Any]:
+        if face == "sync":
+            return sync_driver.run(op)
+        return loop.run_until_complete(async_driver.run(op))
+
+    try:
+        with pytest.raises(fx.ReplyTooLargeError) as caught:
+            run(_range_op(streams, 32 << 10))
+        assert caught.value.pool == "default"
+        send = fx.Send("default", [("XRANGE", name, "-", "+") for name in streams], budget=1 << 20)
+
+        def whole() -> fx.Op[list[Any]]:
+            return (yield send)  # type: ignore[no-any-return]
+
+        assert len(run(whole())) == 3
+        assert 3 * (64 << 10) < send.received < 4 * (64 << 10)  # what the three pieces took
+    finally:
+        sync_driver.close()
+        loop.run_until_complete(async_driver.close())
+        loop.close()
