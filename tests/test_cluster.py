@@ -565,12 +565,24 @@ def test_cli_operations_on_a_cluster(cluster: ClusterSet, tmp_path: Path) -> Non
         assert cluster.node_of(streams[2]).client().xlen(streams[2]) == 0
         cluster.node_of(streams[0]).client().xgroup_create(streams[0], "old", id="0")
         invoke("group", "delete", streams[0], "old", "--yes")
-        assert [
-            g["name"] for g in cluster.node_of(streams[0]).client().xinfo_groups(streams[0])
-        ] == [
-            b"audit",
-            b"billing",
-        ]
+        groups = cluster.node_of(streams[0]).client().xinfo_groups(streams[0])
+        assert sorted(group["name"] for group in groups) == [b"audit", b"billing"]
+        # The pending events of a consumer on every node, moved to another.
+        for name in streams:
+            broker.publish(name, {"claimed": name})
+
+        def crash(events: list[sb.Event]) -> None:
+            raise RuntimeError("the process died")
+
+        with pytest.raises(RuntimeError):
+            broker.consumer("audit", "gone", **FAST).consume(crash, count=20, block=False)
+        held = {name: broker.group_stats(name, "audit").pending for name in streams}
+        assert held == {streams[0]: 2, streams[1]: 2, streams[2]: 1}  # [2] was purged
+        assert "moved 5 pending events" in invoke("claim", "audit", "gone", "kept", "--force")
+        for name in streams:
+            members = broker.group_stats(name, "audit").consumers
+            pending = {member.name: member.pending for member in members if member.pending}
+            assert pending == {"kept": held[name]}
     finally:
         broker.close()
 
