@@ -695,3 +695,37 @@ def test_a_piece_over_the_budget_stops_being_read(cluster: ClusterSet, face: str
         sync_driver.close()
         loop.run_until_complete(async_driver.close())
         loop.close()
+
+
+def test_a_blocking_read_of_two_slots_on_one_node_is_capped(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    # Two streams of one node in two slots: one XREADGROUP each, in one piece, run one
+    # after the other by the node. Blocking a minute on the first would hold back the
+    # second's event a minute: the block is capped as for several pools.
+    first = spread(cluster)[0]
+    node = cluster.node_of(first)
+    second = next(
+        name
+        for name in (f"t{n}" for n in range(1000))
+        if cluster.node_of(name) is node and key_slot(name) != key_slot(first)
+    )
+    broker = open_broker(cluster_registry(cluster, [first, second]), socket_timeout=120)
+    # Reclaiming and renewing the lease would cut the block short too: not for a while.
+    slow = {"block_timeout": 60.0, "retry_after": 100.0, "lease": 100.0}
+    consumer = broker.consumer("billing", **slow)
+    consumer.consume(lambda events: None, block=False)  # the groups exist
+    got: list[str] = []
+    thread = threading.Thread(
+        target=consumer.consume, args=(lambda events: got.extend(e.stream for e in events),)
+    )
+    thread.start()
+    try:
+        admin = node.client()
+        wait_for(lambda: any(c["cmd"] == "xreadgroup" for c in admin.client_list()), 20, "a read")
+        broker.publish(second, {"on": second})
+        wait_for(lambda: got == [second], 20, "the second stream's event")
+    finally:
+        consumer.stop()
+        thread.join(timeout=90)
+    assert not thread.is_alive()
