@@ -9,12 +9,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import async_cases, cases, processes, report
+from . import async_cases, cases, cluster, latency, processes, report
 from .common import Filler, registry
 from .results import CaseResult, console, log
 from .servers import SERVER_KINDS, BenchServer, start_servers
 
-CASES = ("publish", "batch", "consume", "e2e", "gc", "memory", "async", "metrics")
+CASES = (
+    "publish",
+    "batch",
+    "consume",
+    "e2e",
+    "gc",
+    "memory",
+    "async",
+    "metrics",
+    "latency",
+    "cluster",
+)
 CASE_NUMBERS = {str(i): name for i, name in enumerate(CASES, start=1)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -27,6 +38,7 @@ FULL = {
     "e2e_events": 200_000,
     "gc_events": 1_000_000,
     "memory_events": 1_000_000,
+    "latency_seconds": 3,
 }
 QUICK = {
     "runs": 3,
@@ -36,6 +48,7 @@ QUICK = {
     "e2e_events": 20_000,
     "gc_events": 100_000,
     "memory_events": 100_000,
+    "latency_seconds": 1,
 }
 
 
@@ -96,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
         ("e2e_events", "events from producer to consumer process (4)"),
         ("gc_events", "acknowledged backlog collected (5)"),
         ("memory_events", "events handled by the measured consumer process (6)"),
+        ("latency_seconds", "seconds counted per rate, face and run (9)"),
     ):
         sizes.add_argument(
             "--" + key.replace("_", "-"),
@@ -178,6 +192,12 @@ def run_server(
         "metrics": lambda: [
             cases.bench_metrics(server, runs, options["consume_events"], count, filler)
         ],
+        "latency": lambda: latency.bench_latency(
+            server, runs, options["latency_seconds"], count, limit
+        ),
+        "cluster": lambda: cluster.bench_cluster(
+            server, runs, options["e2e_events"], options["batch_size"], count, limit
+        ),
     }
     console.rule(f"{server.kind} on {server.address}")
     results: list[CaseResult] = []

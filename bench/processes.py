@@ -25,13 +25,13 @@ FLAT_MIB = 4.0
 
 
 class Worker:
-    """A ``bench.worker`` child process, talked to by JSON lines."""
+    """A ``bench.worker`` (or ``module``) child process, talked to by JSON lines."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], module: str = "bench.worker") -> None:
         self.role = settings["role"]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", json.dumps(settings)],
+            [sys.executable, "-m", module, json.dumps(settings)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import streambroker as sb
-from streambroker.keys import dead_letter_key, lease_key, replay_key
+from streambroker.wire.keys import dead_letter_key, lease_key, replay_key
 
 __all__ = ["ROLES", "role_rules", "setuser_line"]
 

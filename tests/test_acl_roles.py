@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import streambroker as sb
-from streambroker.keys import dead_letter_key
+from streambroker.wire.keys import dead_letter_key
 
 from .conftest import SEED_YAML_TEMPLATE, Server, wait_for
 from .roles import ROLES, setuser_line

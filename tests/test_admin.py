@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import streambroker as sb
-from streambroker.keys import dead_letter_key, replay_key
+from streambroker.wire.keys import dead_letter_key, replay_key
 
 from .conftest import Server
 from .test_limits import MAX_COPIED_FIELDS, packed_dead_letter

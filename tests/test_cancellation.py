@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 import streambroker as sb
-from streambroker.keys import lease_key
-from streambroker.runner import AsyncWorker
+from streambroker.apps.worker import AsyncWorker
+from streambroker.wire.keys import lease_key
 
 from .conftest import Server
 

@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 import streambroker as sb
-from streambroker.cli import app, event_time
+from streambroker.apps.cli import app, event_time
 
 from .conftest import SEED_YAML_TEMPLATE, Server, free_port, wait_for
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 import streambroker as sb
-from streambroker.cli import app, error_lines
+from streambroker.apps.cli import app, error_lines
 
 from .conftest import Server
 from .test_cli import client, project

@@ -16,7 +16,7 @@ import pytest
 import typer
 
 import streambroker as sb
-from streambroker.cli import app, event_time
+from streambroker.apps.cli import app, event_time
 
 from .conftest import Server, wait_for
 from .test_cli import CLI, cli_env, client, invoke, output, project, run, started, stop_cleanly

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import streambroker as sb
-from streambroker import _effects as fx
-from streambroker._async import AsyncDriver
-from streambroker._sync import SyncDriver
-from streambroker.cli import app
-from streambroker.connection import ConnectionOptions
-from streambroker.routing import key_slot
+from streambroker.apps.cli import app
+from streambroker.core import effects as fx
+from streambroker.core.routing import key_slot
+from streambroker.io.aio import AsyncDriver
+from streambroker.io.connection import ConnectionOptions
+from streambroker.io.sync import SyncDriver
 
 from .conftest import OpenBroker, wait_for
 from .faces import Loop, async_facade

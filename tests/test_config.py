@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streambroker as sb
-from streambroker.config import check_name
+from streambroker.config.registry import check_name
 
 from .conftest import seed_code
 

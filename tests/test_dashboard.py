@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import streambroker as sb
-from streambroker.dashboard import Figures
+from streambroker.apps.dashboard import Figures
 
 from .conftest import IN_CI, SEED_YAML_TEMPLATE, Server, free_port, seed_registry, wait_for
 from .faces import Loop

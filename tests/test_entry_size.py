@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
-from streambroker._effects import with_text
-from streambroker.keys import dead_letter_key
-from streambroker.sizes import entry_size, range_sizes_command
+from streambroker.core.effects import with_text
+from streambroker.core.sizes import entry_size, range_sizes_command
+from streambroker.wire.keys import dead_letter_key
 
 from .conftest import FACES, OpenBroker, Server
 

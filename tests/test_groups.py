@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 
 import streambroker as sb
-from streambroker.keys import dead_letter_key, replay_key
+from streambroker.wire.keys import dead_letter_key, replay_key
 
 from .conftest import SEED_YAML_TEMPLATE, Server
 from .test_cli import invoke

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import streambroker as sb
-from streambroker.runner import AsyncWorker, Worker
+from streambroker.apps.worker import AsyncWorker, Worker
 
 from .conftest import Server, seed_registry, wait_for
 

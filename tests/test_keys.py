@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 import streambroker as sb
-from streambroker.config import check_key_prefix
-from streambroker.keys import (
+from streambroker.config.registry import check_key_prefix
+from streambroker.wire.keys import (
     DerivedKey,
     dead_letter_key,
     decode_key,

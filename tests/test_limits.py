@@ -16,10 +16,8 @@ import pytest
 import redis
 
 import streambroker as sb
-from streambroker._effects import with_text
-from streambroker.codecs import get_codec
-from streambroker.deadletters import MAX_COPIED_FIELDS, _replay_whole
-from streambroker.delivery import (
+from streambroker.core.deadletters import MAX_COPIED_FIELDS, _replay_whole
+from streambroker.core.delivery import (
     MAX_SCRIPT_BATCH,
     ack_owned_command,
     claim_all_command,
@@ -29,7 +27,9 @@ from streambroker.delivery import (
     set_delivery_count_command,
     touch_command,
 )
-from streambroker.wire import MAX_META_TAGS
+from streambroker.core.effects import with_text
+from streambroker.wire.codecs import get_codec
+from streambroker.wire.entry import MAX_META_TAGS
 
 from .conftest import OpenBroker, Server, wait_for
 from .faces import Loop

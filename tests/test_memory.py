@@ -15,9 +15,9 @@ import pytest
 import redis
 
 import streambroker as sb
-from streambroker._effects import with_text
-from streambroker.keys import dead_letter_key, lease_key
-from streambroker.leases import LEASE_RETAKEN, acquire_command, renew_command
+from streambroker.core.effects import with_text
+from streambroker.core.leases import LEASE_RETAKEN, acquire_command, renew_command
+from streambroker.wire.keys import dead_letter_key, lease_key
 
 from .conftest import OpenBroker, Server, wait_for
 

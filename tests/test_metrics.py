@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import streambroker as sb
+from streambroker.apps.serving import OpsServer
 from streambroker.metrics import Metrics
-from streambroker.serving import OpsServer
 
 from .conftest import SEED_YAML_TEMPLATE, OpenBroker, Server, free_port, seed_registry, wait_for
 

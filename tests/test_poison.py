@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streambroker as sb
-from streambroker.events import Event
-from streambroker.handing import LAST_DELIVERY_MARK, batch_limit, batches
+from streambroker.core.handing import LAST_DELIVERY_MARK, batch_limit, batches
+from streambroker.wire.events import Event
 
 from .conftest import OpenBroker, Server, seed_registry, wait_for
 

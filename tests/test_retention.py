@@ -23,9 +23,9 @@ from hypothesis.stateful import (
 )
 
 import streambroker as sb
-from streambroker.gc import COLLECT_SCRIPT, WINDOW_LIMIT
-from streambroker.keys import dead_letter_key
-from streambroker.publishing import COLLECT_EVERY_EVENTS
+from streambroker.core.gc import COLLECT_SCRIPT, WINDOW_LIMIT
+from streambroker.core.publishing import COLLECT_EVERY_EVENTS
+from streambroker.wire.keys import dead_letter_key
 
 from .conftest import OpenBroker, Server
 from .test_gc import fail_after_acking, ignore

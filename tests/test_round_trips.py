@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streambroker as sb
-from streambroker._async import AsyncDriver
-from streambroker._effects import Command, Op, ReplyError, Send
-from streambroker._sync import SyncDriver
-from streambroker.connection import ConnectionOptions
+from streambroker.core.effects import Command, Op, ReplyError, Send
+from streambroker.io.aio import AsyncDriver
+from streambroker.io.connection import ConnectionOptions
+from streambroker.io.sync import SyncDriver
 
 from .conftest import Server
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot as redis_key_slot
 
-from streambroker import routing
-from streambroker.routing import Pieces, Refresh, Refusal, RoutingError, Wait, key_slot, route
+from streambroker.core import routing
+from streambroker.core.routing import Pieces, Refresh, Refusal, RoutingError, Wait, key_slot, route
 
 NODES = ["n1:1", "n2:2", "n3:3"]
 

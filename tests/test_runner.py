@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
-from streambroker.runner import AsyncWorker, Worker, load_app
+from streambroker.apps.worker import AsyncWorker, Worker, load_app
 
 from .conftest import Server, free_port, seed_registry, wait_for
 

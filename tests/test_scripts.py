@@ -14,10 +14,11 @@ import pytest
 import redis.exceptions as rex
 
 import streambroker as sb
-from streambroker import _effects as fx
-from streambroker.delivery import ack_owned_command, touch_command
-from streambroker.gc import COLLECT_SCRIPT, collect_command
-from streambroker.leases import renew_command
+from streambroker.core import effects as fx
+from streambroker.core.delivery import ack_owned_command, touch_command
+from streambroker.core.gc import COLLECT_SCRIPT, collect_command
+from streambroker.core.leases import renew_command
+from streambroker.io import replies as rp
 
 from . import test_permissions
 from .conftest import OpenBroker, Server, wait_for
@@ -104,10 +105,10 @@ def test_the_missing_scripts_are_those_evalsha_replies_outside_a_transaction() -
     replies: list[Any] = [noscript, rex.ResponseError("WRONGTYPE"), b"OK", noscript]
     replies += [rex.ResponseError("EXECABORT"), rex.ResponseError("ERR other"), noscript]
 
-    again = fx.missing_scripts(send, replies)
+    again = rp.missing_scripts(send, replies)
 
     assert again == [("EVAL", COUNTING.text, 1, "runs")] * 2
-    assert fx.put_back(send, list(replies), [5, 6]) == [5, *replies[1:6], 6]
+    assert rp.put_back(send, list(replies), [5, 6]) == [5, *replies[1:6], 6]
 
 
 class Job:
@@ -268,7 +269,7 @@ def test_load_scripts_names_the_pool_it_is_refused_on(
 
 
 def packed(commands: list[fx.Command]) -> int:
-    return len(b"".join(fx.pack(commands)))
+    return len(b"".join(rp.pack(commands)))
 
 
 def test_an_acknowledgement_round_trip_sends_the_scripts_sha_not_its_text() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import streambroker as sb
-from streambroker.connection import ConnectionOptions, async_client, sync_client
+from streambroker.io.connection import ConnectionOptions, async_client, sync_client
 
 from .conftest import OpenBroker, Server
 from .test_cli import invoke, write_config

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 import streambroker as sb
-from streambroker.cli import app
+from streambroker.apps.cli import app
 
 from .conftest import OpenBroker, Server, free_port, wait_for
 from .faces import Loop, async_facade

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import streambroker as sb
-from streambroker.stats import holding_back_warning
+from streambroker.core.stats import holding_back_warning
 
 from .conftest import Server, wait_for
 from .test_gc import fail_after_acking

@@ -22,7 +22,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 import streambroker as sb
-from streambroker._effects import translate_error
+from streambroker.io.replies import translate_error
 
 from .conftest import OpenBroker, _require_binary
 from .servers import TlsServerProcess

@@ -5,12 +5,12 @@ Register pools and streams in a :class:`Registry` (or YAML), validate it, make a
 """
 
 from ._face import ConsumerSettings
+from .apps.worker import AsyncWorker, Worker
 from .async_broker import AsyncBatch, AsyncBroker, AsyncConsumer, AsyncHandler
 from .broker import Batch, Broker, Consumer, Handler
-from .codecs import Codec
-from .config import PoolSpec, Registry, StreamSpec, ValidatedRegistry
-from .deadletters import DeadLetter
-from .embedded import EmbeddedServer
+from .config.registry import PoolSpec, Registry, StreamSpec, ValidatedRegistry
+from .core.deadletters import DeadLetter
+from .core.stats import ConsumerStats, GroupStats, StreamStats
 from .errors import (
     BrokerError,
     ConfigError,
@@ -33,9 +33,9 @@ from .errors import (
     UnknownGroupError,
     UnknownStreamError,
 )
-from .events import Event
-from .runner import AsyncWorker, Worker
-from .stats import ConsumerStats, GroupStats, StreamStats
+from .io.embedded import EmbeddedServer
+from .wire.codecs import Codec
+from .wire.events import Event
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m streambroker``: the command-line tool."""
 
-from .cli import main
+from .apps.cli import main
 
 main()

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
-from .config import ValidatedRegistry
-from .connection import ConnectionOptions
-from .consuming import ConsumerCore, ConsumerOptions, check_count
-from .core import DEFAULT_MAX_BODY_SIZE, BrokerCore, HandlerSpec
+from .config.registry import ValidatedRegistry
+from .core.consuming import ConsumerCore, ConsumerOptions, check_count
+from .core.publishing import BatchBuffer, Replication, replication
+from .core.routes import Route
+from .core.state import DEFAULT_MAX_BODY_SIZE, BrokerCore, HandlerSpec
 from .errors import InvalidArgumentError, UnknownGroupError
-from .publishing import BatchBuffer, Replication, replication
-from .routes import Route
+from .io.connection import ConnectionOptions
 
 __all__ = [
     "DEFAULT_CONSUMER",
@@ -29,7 +29,7 @@ DriverT = TypeVar("DriverT")
 
 
 class ConsumerSettings(TypedDict, total=False):
-    """The options of a consumer (see :class:`~streambroker.consuming.ConsumerOptions`).
+    """The options of a consumer (see :class:`~streambroker.core.consuming.ConsumerOptions`).
 
     - ``block_timeout``: the longest one blocking read waits, so also the longest
       ``stop()`` takes to be noticed (seconds, default 1).

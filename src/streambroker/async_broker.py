@@ -13,15 +13,15 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Unpack
 
-from . import admin, consuming, deadletters, gc, reading, scripts, stats
-from ._async import AsyncDriver
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
-from .config import ValidatedRegistry
-from .connection import ConnectionOptions
-from .deadletters import DeadLetter
-from .events import Event
-from .publishing import Replication, publish
-from .stats import GroupStats, StreamStats
+from .config.registry import FACES, ValidatedRegistry
+from .core import admin, consuming, deadletters, gc, reading, scripts, stats
+from .core.deadletters import DeadLetter
+from .core.publishing import Replication, publish
+from .core.stats import GroupStats, StreamStats
+from .io.aio import AsyncDriver
+from .io.connection import ConnectionOptions
+from .wire.events import Event
 
 __all__ = ["AsyncBatch", "AsyncBroker", "AsyncConsumer", "AsyncHandler"]
 
@@ -230,3 +230,6 @@ class AsyncConsumer(ConsumerFace):
     async def leave(self) -> list[str]:
         """Delete this stopped consumer from its group (as :meth:`Consumer.leave`)."""
         return await self._driver.run(consuming.leave(self._core.core, self.group, self.name))
+
+
+FACES["asyncio"] = AsyncBroker

@@ -14,15 +14,15 @@ from contextlib import nullcontext
 from types import FrameType
 from typing import Any, Unpack
 
-from . import admin, consuming, deadletters, gc, reading, scripts, stats
 from ._face import DEFAULT_CONSUMER, BatchFace, BrokerFace, ConsumerFace, ConsumerSettings
-from ._sync import SyncDriver
-from .config import ValidatedRegistry
-from .connection import ConnectionOptions
-from .deadletters import DeadLetter
-from .events import Event
-from .publishing import Replication, publish
-from .stats import GroupStats, StreamStats
+from .config.registry import FACES, ValidatedRegistry
+from .core import admin, consuming, deadletters, gc, reading, scripts, stats
+from .core.deadletters import DeadLetter
+from .core.publishing import Replication, publish
+from .core.stats import GroupStats, StreamStats
+from .io.connection import ConnectionOptions
+from .io.sync import SyncDriver
+from .wire.events import Event
 
 __all__ = ["Batch", "Broker", "Consumer", "Handler"]
 
@@ -325,3 +325,6 @@ class _StopOnSignals:
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+FACES["sync"] = Broker

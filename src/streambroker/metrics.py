@@ -26,14 +26,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "streambroker's metrics need prometheus-client: pip install 'streambroker[metrics]'"
     ) from exc
 
+from .core.observer import Outcome
+from .core.stats import StreamStats
 from .errors import BrokerError
-from .observer import Outcome
-from .stats import StreamStats
 
 if TYPE_CHECKING:
     from ._face import BrokerFace
     from .broker import Broker
-    from .config import ValidatedRegistry
+    from .config.registry import ValidatedRegistry
 
 __all__ = ["HANDLER_BUCKETS", "Metrics", "StatsCollector"]
 

@@ -28,9 +28,9 @@ import pytest
 
 from .async_broker import AsyncBroker
 from .broker import Broker
-from .embedded import EmbeddedServer
+from .core.stats import StreamStats
 from .errors import BrokerError, InvalidArgumentError
-from .stats import StreamStats
+from .io.embedded import EmbeddedServer
 
 __all__ = ["DrainTimeoutError", "async_wait_drained", "streambroker_server", "wait_drained"]
 

@@ -36,7 +36,7 @@ from . import __version__
 
 if TYPE_CHECKING:
     from ._face import BrokerFace
-    from .events import Event
+    from .wire.events import Event
 
 __all__ = ["TRACE_FIELDS", "Tracing"]
 

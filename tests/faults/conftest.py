@@ -24,7 +24,7 @@ import pytest
 import redis
 
 import streambroker as sb
-from streambroker.keys import lease_key
+from streambroker.wire.keys import lease_key
 
 from ..conftest import Server, _require_binary
 from ..servers import SERVER_KINDS

@@ -1,0 +1,310 @@
+"""The synchronous I/O layer: performs the core's effects with redis-py and threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import redis
+
+from ..config.registry import ValidatedRegistry
+from ..core import effects as fx
+from ..core import routing
+from ..errors import BrokerError, PoolError
+from . import replies as rp
+from .connection import (
+    ConnectionOptions,
+    SyncCluster,
+    is_error,
+    read_replies,
+    refusal_of,
+    reply_budget,
+    sync_client,
+    sync_cluster,
+)
+
+T = TypeVar("T")
+
+
+class _Heartbeat:
+    """One thread per ``run()`` that beats while a handler runs.
+
+    :meth:`during` tells it a handler started (and when it ended); it then runs the
+    handler's heartbeat operation every interval. One thread serves every batch, so
+    a batch costs no thread start.
+    """
+
+    def __init__(self, driver: SyncDriver) -> None:
+        self._driver = driver
+        self._changed = threading.Condition()
+        self._effect: fx.Handle | None = None
+        self._since = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._beat, name="streambroker-heartbeat")
+        self._thread.start()
+
+    def during(self, effect: fx.Handle | None) -> None:
+        """A handler of ``effect`` runs from now on (``None``: it returned)."""
+        with self._changed:
+            self._effect = effect
+            self._since = time.monotonic()
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        with self._changed:
+            while not self._closed:
+                effect = self._effect
+                if effect is None or effect.heartbeat is None:
+                    self._changed.wait()
+                    continue
+                due = self._since + effect.interval - time.monotonic()
+                if due > 0:
+                    self._changed.wait(due)
+                    continue
+                self._since = time.monotonic()
+                self._changed.release()
+                try:
+                    self._driver.run(effect.heartbeat())
+                except BrokerError as exc:
+                    fx.log.warning("heartbeat failed (will try again): %s", exc)
+                finally:
+                    self._changed.acquire()
+
+
+class SyncDriver:
+    """Runs operations against one client per pool, made on first use."""
+
+    def __init__(self, registry: ValidatedRegistry, options: ConnectionOptions) -> None:
+        self._registry = registry
+        self.options = options
+        self._scripts = rp.LoadedScripts()
+        self._clients: dict[str, redis.Redis] = {}
+        self._clusters: dict[str, SyncCluster] = {}
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._node_executor: ThreadPoolExecutor | None = None
+
+    def client(self, pool: str) -> redis.Redis:
+        """The client of ``pool``, made (and an embedded server started) on first use."""
+        client = self._clients.get(pool)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(pool)
+                if client is None:
+                    client = sync_client(self._registry.pools[pool], self.options)
+                    self._clients[pool] = client
+        return client
+
+    def cluster(self, pool: str) -> SyncCluster | None:
+        """The topology and node connections of ``pool`` when it is a cluster pool (its
+        slot map read on first use), else None."""
+        found = self._clusters.get(pool)
+        if found is None and self._registry.pools[pool].cluster:
+            with self._lock:
+                found = self._clusters.get(pool)
+                if found is None:
+                    found = sync_cluster(self._registry.pools[pool], self.options)
+                    self._clusters[pool] = found
+        return found
+
+    def run(
+        self,
+        op: fx.Op[T],
+        handler: fx.AnyHandler | None = None,
+        wake: threading.Event | None = None,
+    ) -> T:
+        """Drive ``op`` to completion and return its result.
+
+        ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short.
+        """
+        driving = fx.Driving(op)
+        beats: list[_Heartbeat] = []
+        try:
+            while not driving.done:
+                effect = driving.effect
+                if isinstance(effect, fx.Handle):
+                    assert handler is not None
+                    driving.resume(*fx.outcome(self._handle, effect, handler, beats))
+                else:
+                    driving.resume(*fx.outcome(self._perform, effect, wake))
+        finally:
+            for beat in beats:
+                beat.close()
+        return driving.result  # type: ignore[return-value]
+
+    def _perform(self, effect: fx.Effect, wake: threading.Event | None) -> Any:
+        if isinstance(effect, fx.Send):
+            return self._send(effect)
+        if isinstance(effect, fx.Parallel):
+            return self._parallel(effect)
+        assert isinstance(effect, fx.Sleep)
+        return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
+
+    def _handle(self, effect: fx.Handle, handler: fx.AnyHandler, beats: list[_Heartbeat]) -> object:
+        if effect.heartbeat is None:
+            return handler(effect.events)
+        if not beats:
+            beats.append(_Heartbeat(self))
+        beats[0].during(effect)
+        try:
+            return handler(effect.events)
+        finally:
+            beats[0].during(None)
+
+    def _send(self, send: fx.Send) -> list[Any]:
+        with rp.translated(send.pool):
+            cluster = self.cluster(send.pool)
+            if cluster is not None:
+                return rp.settle(send, self._on_cluster(send, cluster))
+            pool = self.client(send.pool).connection_pool
+            return rp.settle(send, self._scripted(send, send.pool, pool))
+
+    def _scripted(self, send: fx.Send, server: str, pool: Any) -> list[Any]:
+        """The raw replies to ``send`` on the connections of ``pool`` (of the server
+        known as ``server``), its scripts sent as the server needs them."""
+        shas = rp.scripts_of(send)
+        if not shas:
+            return self._round_trip(send, send.commands, pool)
+        probe = self._scripts.probe(server, shas)
+        if probe is not None:
+            (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe], pool)
+            self._scripts.learn(server, probe, known)
+        replies = self._round_trip(send, self._scripts.commands(send, shas, server), pool)
+        self._scripts.ran(server, shas, replies)
+        again = rp.missing_scripts(send, replies)
+        if again:
+            replies = rp.put_back(send, replies, self._round_trip(send, again, pool))
+        return replies
+
+    def _on_cluster(self, send: fx.Send, cluster: SyncCluster) -> list[Any]:
+        """The raw replies to ``send`` on a cluster pool, as :func:`routing.route` routes
+        them: its pieces sent to their nodes concurrently."""
+        if cluster.stale:
+            cluster.refresh()
+        steps = routing.route(send.commands, cluster, refusal_of, is_error)
+        result: Any = None
+        send.received = 0
+        while True:
+            try:
+                request = steps.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            except routing.RoutingError as exc:
+                raise PoolError(send.pool, str(exc)) from None
+            result = None
+            if isinstance(request, routing.Pieces):
+                result = self._pieces(send, cluster, request.pieces)
+            elif isinstance(request, routing.Refresh):
+                cluster.refresh()
+            else:
+                time.sleep(request.seconds)
+
+    def _pieces(
+        self, send: fx.Send, cluster: SyncCluster, pieces: list[routing.Piece]
+    ) -> list[list[Any]]:
+        # Each piece within the send's budget; what they took adds up once all are back.
+        subs = [fx.Send(send.pool, piece.commands, budget=send.budget) for piece in pieces]
+
+        def piece(index: int) -> list[Any]:
+            node = pieces[index].node
+            try:
+                return self._scripted(subs[index], f"{send.pool} {node}", cluster.pool(node))
+            except BaseException:
+                cluster.stale = True  # the node may have failed: read the slot map again
+                raise
+
+        try:
+            return self._each_piece(piece, len(pieces))
+        finally:
+            send.received += sum(sub.received for sub in subs)
+
+    def _each_piece(self, piece: Callable[[int], list[Any]], count: int) -> list[list[Any]]:
+        """``piece(0)`` … ``piece(count - 1)`` at once (the first in this thread), once
+        every one is over: their results, or the first error."""
+        if count <= 1:
+            return [piece(index) for index in range(count)]
+        with self._lock:
+            if self._node_executor is None:
+                self._node_executor = ThreadPoolExecutor(
+                    max_workers=64, thread_name_prefix="streambroker-node"
+                )
+            executor = self._node_executor
+        futures = [executor.submit(piece, index) for index in range(1, count)]
+        results: list[list[Any]] = []
+        error: BaseException | None = None
+        try:
+            results.append(piece(0))
+        except BaseException as exc:
+            error = exc
+        for future in futures:  # every piece finished before anything is raised
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command], pool: Any) -> list[Any]:
+        """The raw replies to ``commands`` of ``send`` on a connection of ``pool`` (within
+        the send's budget), error replies in place."""
+        name = send.pool
+        with rp.translated(name, self._registry.pools[name].tls):
+            connection = pool.get_connection()
+        budget = reply_budget(connection)
+        try:
+            connection.send_packed_command(rp.pack(commands))
+            budget.start(send)
+            replies = read_replies(connection, len(commands))
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            budget.stop()
+            pool.release(connection)
+        return replies
+
+    def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
+        sends = parallel.sends
+        if len(sends) <= 1:
+            return [self._send(send) for send in sends]
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(thread_name_prefix="streambroker")
+            executor = self._executor
+        futures = [executor.submit(self._send, send) for send in sends]
+        results: list[list[Any]] = []
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BrokerError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Close every connection and the worker threads."""
+        with self._lock:
+            clients, self._clients = self._clients, {}
+            clusters, self._clusters = self._clusters, {}
+            executors = [self._executor, self._node_executor]
+            self._executor = self._node_executor = None
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=True)
+        for client in clients.values():
+            client.close()
+        for cluster in clusters.values():
+            cluster.close()
