@@ -48,11 +48,13 @@ __all__ = [
 #: The hash slots of a Redis Cluster.
 SLOTS = 16384
 #: Rounds of a round trip at most: the first, then those sending refused commands again.
-MAX_ROUNDS = 10
+#: With the waits below, a round trip is held back less than a second in all: a
+#: consumer's lease outlasts it, and a longer outage is the caller's to retry.
+MAX_ROUNDS = 6
 #: The wait before sending again what the cluster refused for the time being
 #: (``TRYAGAIN``, ``CLUSTERDOWN``), doubled each round up to :data:`_MAX_WAIT` (seconds).
 _FIRST_WAIT = 0.05
-_MAX_WAIT = 0.5
+_MAX_WAIT = 0.2
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]

@@ -224,6 +224,7 @@ class AsyncDriver:
         self, send: fx.Send, cluster: AsyncCluster, pieces: list[routing.Piece]
     ) -> list[list[Any]]:
         async def piece(piece: routing.Piece) -> list[Any]:
+            # Each piece within the send's budget; what they took adds up.
             sub = fx.Send(send.pool, piece.commands, budget=send.budget)
             try:
                 node = _NodePool(await cluster.node(piece.node))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -212,30 +212,38 @@ class SyncDriver:
     def _pieces(
         self, send: fx.Send, cluster: SyncCluster, pieces: list[routing.Piece]
     ) -> list[list[Any]]:
-        def piece(piece: routing.Piece) -> list[Any]:
-            sub = fx.Send(send.pool, piece.commands, budget=send.budget)
+        # Each piece within the send's budget; what they took adds up once all are back.
+        subs = [fx.Send(send.pool, piece.commands, budget=send.budget) for piece in pieces]
+
+        def piece(index: int) -> list[Any]:
+            node = pieces[index].node
             try:
-                replies = self._scripted(sub, f"{send.pool} {piece.node}", cluster.pool(piece.node))
+                return self._scripted(subs[index], f"{send.pool} {node}", cluster.pool(node))
             except BaseException:
                 cluster.stale = True  # the node may have failed: read the slot map again
                 raise
-            finally:
-                send.received += sub.received
-            return replies
 
-        if len(pieces) <= 1:
-            return [piece(each) for each in pieces]
+        try:
+            return self._each_piece(piece, len(pieces))
+        finally:
+            send.received += sum(sub.received for sub in subs)
+
+    def _each_piece(self, piece: Callable[[int], list[Any]], count: int) -> list[list[Any]]:
+        """``piece(0)`` … ``piece(count - 1)`` at once (the first in this thread), once
+        every one is over: their results, or the first error."""
+        if count <= 1:
+            return [piece(index) for index in range(count)]
         with self._lock:
             if self._node_executor is None:
                 self._node_executor = ThreadPoolExecutor(
                     max_workers=64, thread_name_prefix="streambroker-node"
                 )
             executor = self._node_executor
-        futures = [executor.submit(piece, each) for each in pieces[1:]]
+        futures = [executor.submit(piece, index) for index in range(1, count)]
         results: list[list[Any]] = []
         error: BaseException | None = None
         try:
-            results.append(piece(pieces[0]))
+            results.append(piece(0))
         except BaseException as exc:
             error = exc
         for future in futures:  # every piece finished before anything is raised
