@@ -82,9 +82,11 @@ def _started(kind: str, servers: dict[str, Server], tmp: pytest.TempPathFactory)
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests taking ``server`` run once per server kind; those marked ``anywhere`` also
-    on a cluster and behind sentinels of each kind."""
+    on a cluster and behind sentinels of each kind (but for those marked ``one_server``:
+    what they check is of one server, such as its databases or connections)."""
     if "server" in metafunc.fixturenames:
-        anywhere = metafunc.definition.get_closest_marker("anywhere") is not None
+        marked = metafunc.definition.get_closest_marker
+        anywhere = marked("anywhere") is not None and marked("one_server") is None
         metafunc.parametrize("server", TOPOLOGIES if anywhere else SERVER_KINDS, indirect=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import streambroker as sb
 
-from .conftest import Server
+from .conftest import Server, wait_for
 
 pytestmark = pytest.mark.anywhere
 
@@ -45,7 +45,7 @@ def test_coroutine_handlers_publish_batch_and_collect(
             assert [body for _, body in seen[:5]] == [{"n": n} for n in range(5)]
             stats = await broker.stream_stats("stream-a")
             assert stats.length == 0  # both groups acknowledged: collected
-        assert ours(server) == 0
+        wait_for(lambda: ours(server) == 0, what="connections closed")
 
     asyncio.run(main())
 
@@ -98,7 +98,7 @@ def test_cancelling_a_consumer_is_a_graceful_stop(
 
             assert await consumer.consume(record, block=False) == 2
             assert handled == ids[1:]
-        assert ours(server) == 0
+        wait_for(lambda: ours(server) == 0, what="connections closed")
 
     asyncio.run(main())
 

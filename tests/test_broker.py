@@ -317,7 +317,8 @@ def test_restarted_consumer_rereads_its_pending_events_first(
 def _yaml_for(broker: sb.Broker) -> str:
     lines = []
     for pool in broker.registry.pools.values():
-        lines.append(f"{pool.name}:\n  redis: {pool.host}:{pool.port}:{pool.db}\n  streams:")
+        address = pool.url or f"{pool.host}:{pool.port}:{pool.db}"
+        lines.append(f"{pool.name}:\n  redis: {address}\n  streams:")
         for stream in broker.registry.streams.values():
             if stream.pool == pool.name:
                 lines.append(f"    {stream.name}: [{', '.join(stream.groups)}]")
@@ -432,6 +433,7 @@ def test_unreachable_pool_is_a_clear_error(open_broker: OpenBroker) -> None:
         assert isinstance(caught.value, sb.BrokerError)
 
 
+@pytest.mark.one_server
 def test_wrong_password_is_an_authentication_error_without_the_password(
     server: Server, open_broker: OpenBroker
 ) -> None:
@@ -461,6 +463,7 @@ def test_closing_the_broker_closes_its_connections(
     wait_for(lambda: ours() == 0, what="connections closed")
 
 
+@pytest.mark.one_server
 def test_reprs_show_what_helps(
     open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
 ) -> None:

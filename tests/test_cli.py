@@ -101,7 +101,7 @@ def write_config(
 def project(tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The working directory, holding ``streambroker.yaml``: the seed's registry on
     ``server``."""
-    write_config(tmp_path, f"{server.address}:0", f"{server.address}:3")
+    write_config(tmp_path, server.pool_address(0), server.pool_address(3))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

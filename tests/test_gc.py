@@ -39,6 +39,16 @@ def fail_after_acking(count: int) -> sb.Handler:
     return handler
 
 
+#: Which of the pending events a rule takes: drawn as a number, not from the pending
+#: events themselves, so that what is drawn does not depend on the server's state (on a
+#: replay, timing may leave other events pending, and hypothesis must draw the same).
+PICK = st.integers(0, 1 << 16)
+
+
+def _picked(pending: list[tuple[str, str]], pick: int) -> tuple[str, str]:
+    return pending[pick % len(pending)]
+
+
 def ignore(events: list[sb.Event]) -> None:
     """A handler that returns at once (so every event is acknowledged)."""
 
@@ -230,8 +240,9 @@ def test_no_event_is_removed_before_every_group_acked_it(
             count=st.integers(1, 5),
         )
         def read_without_ack(self, group: str, consumer: str, count: int) -> None:
-            streams = [s for s in STREAM_GROUPS if group in STREAM_GROUPS[s]]
-            self.client.xreadgroup(group, consumer, dict.fromkeys(streams, ">"), count=count)
+            for stream in [s for s in STREAM_GROUPS if group in STREAM_GROUPS[s]]:
+                # One stream at a time: on a cluster, the streams hash to other slots.
+                self.client.xreadgroup(group, consumer, {stream: ">"}, count=count)
 
         @rule(
             group=st.sampled_from(GROUPS),
@@ -273,7 +284,8 @@ def test_no_event_is_removed_before_every_group_acked_it(
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
             pending = self._pending(stream, group)
             if pending:
-                chosen = data.draw(st.lists(st.sampled_from(pending), max_size=3, unique=True))
+                picks = data.draw(st.lists(PICK, max_size=3))
+                chosen = list(dict.fromkeys(_picked(pending, pick) for pick in picks))
                 if chosen:
                     self.client.xack(stream, group, *[i for i, _ in chosen])
                     self.acked[stream, group].update(i for i, _ in chosen)
@@ -292,7 +304,7 @@ def test_no_event_is_removed_before_every_group_acked_it(
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
             pending = self._pending(stream, group)
             if pending:
-                event_id, owner = data.draw(st.sampled_from(pending))
+                event_id, owner = _picked(pending, data.draw(PICK))
                 target = next(c for c in CONSUMERS if c != owner)
                 self.client.xclaim(stream, group, target, 0, [event_id])
 
@@ -302,7 +314,7 @@ def test_no_event_is_removed_before_every_group_acked_it(
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
             pending = self._pending(stream, group)
             if pending:
-                event_id, _ = data.draw(st.sampled_from(pending))
+                event_id, _ = _picked(pending, data.draw(PICK))
                 entry = self.client.xrange(stream, event_id, event_id)
                 if entry:
                     self.client.xadd(f"dead:{stream}:{group}", entry[0][1])

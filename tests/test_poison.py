@@ -194,7 +194,7 @@ _KILLER = textwrap.dedent(
     import streambroker as sb
     settings = json.loads(sys.argv[1])
     registry = sb.Registry()
-    registry.register_redis(settings["address"], db=0)
+    registry.register_redis(settings["address"])
     registry.register_stream("stream-a", "default", ["read-group-a"])
     def handler(events):
         with open(settings["log"], "a") as log:
@@ -221,7 +221,12 @@ def test_a_consumer_killed_by_its_event_buries_only_that_event(
             broker.publish("stream-a", n)
         log = tmp_path / "handled.jsonl"
         options = {**FAST, "lease": 0.3, "max_deliveries": 3}
-        settings = {"address": server.address, "log": str(log), "poison": 5, "options": options}
+        settings = {
+            "address": server.pool_address(0),
+            "log": str(log),
+            "poison": 5,
+            "options": options,
+        }
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
         outcomes = []
         client = server.client()

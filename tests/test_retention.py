@@ -327,6 +327,7 @@ def test_publishers_alone_keep_a_limited_stream_bounded(
     assert ids_in(client) == batch.ids[-50:]
 
 
+@pytest.mark.one_server
 def test_a_publisher_refused_the_collect_script_still_publishes(
     open_broker: OpenBroker, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

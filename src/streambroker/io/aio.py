@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import redis.asyncio
+import redis.exceptions as rex
 
 from ..config.registry import ValidatedRegistry
 from ..core import effects as fx
@@ -300,7 +301,21 @@ class _NodePool:
         self._node = node
 
     async def get_connection(self) -> Any:
-        return self._node.acquire_connection()
+        """A connection of the node, connected and ready: one closed while it was idle
+        (the server killed it, or restarted) is opened again, as redis-py's pools do."""
+        connection = self._node.acquire_connection()
+        try:
+            await connection.connect()
+            try:
+                if await connection.can_read():
+                    raise rex.ConnectionError("the idle connection has data")
+            except (rex.ConnectionError, rex.TimeoutError, OSError):
+                await connection.disconnect()
+                await connection.connect()
+        except BaseException:
+            self._node.release(connection)
+            raise
+        return connection
 
     async def release(self, connection: Any) -> None:
         self._node.release(connection)
