@@ -156,7 +156,7 @@ class AsyncDriver:
                 replies = fx.put_back(send, replies, await self._round_trip(send, again))
             return fx.settle(send, replies)
 
-    async def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
+    async def _round_trip(self, send: fx.Send, commands: Sequence[fx.AnyCommand]) -> list[Any]:
         """The raw replies to ``commands`` of ``send`` (within its budget), error replies
         in place."""
         name = send.pool

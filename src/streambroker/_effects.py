@@ -42,6 +42,9 @@ AnyHandler = Callable[[Any], object]
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
+#: A command as a :class:`Send` carries it: its arguments, or the command already in the
+#: wire protocol (bytes, as :func:`pack` would make it: see :func:`~.wire.packed_xadd`).
+AnyCommand = Command | bytes
 
 #: An operation: a generator of effects returning ``T``.
 Op = Generator["Effect", Any, T]
@@ -59,7 +62,7 @@ class Send:
     """
 
     pool: str
-    commands: Sequence[Command]
+    commands: Sequence[AnyCommand]
     allow_errors: bool = False
     budget: int = 0
     received: int = 0
@@ -120,9 +123,19 @@ def scripts() -> list[Script]:
     return list(_SCRIPTS.values())
 
 
-def with_text(command: Command) -> Command:
+def with_text(command: AnyCommand) -> Command:
     """The ``EVALSHA`` ``command`` of a :class:`Script` as ``EVAL`` with the script's text."""
+    command = arguments(command)
     return ("EVAL", _SCRIPTS[_text(command[1])].text, *command[2:])
+
+
+def arguments(command: AnyCommand) -> Command:
+    """The arguments of ``command`` (read back from the wire protocol when packed)."""
+    if isinstance(command, bytes):
+        reader = hiredis.Reader()
+        reader.feed(command)
+        return tuple(reader.gets())
+    return command
 
 
 class LoadedScripts:
@@ -163,7 +176,7 @@ class LoadedScripts:
         for sha, is_held in zip(probe[2:], reply, strict=True):
             held[str(sha)] = bool(is_held)
 
-    def commands(self, send: Send, shas: Sequence[tuple[int, str]]) -> Sequence[Command]:
+    def commands(self, send: Send, shas: Sequence[tuple[int, str]]) -> Sequence[AnyCommand]:
         """The commands of ``send``, with the scripts the server lacks as ``EVAL``."""
         held = self._held.get(send.pool)
         lacking = [index for index, sha in shas if held is not None and not held.get(sha, True)]
@@ -192,7 +205,7 @@ def scripts_of(send: Send) -> list[tuple[int, str]]:
     return [
         (index, command[1])
         for index, command in enumerate(send.commands)
-        if command[0] == "EVALSHA" and command[1] in _SCRIPTS
+        if command[0] == "EVALSHA" and isinstance(command[1], str) and command[1] in _SCRIPTS
     ]
 
 
@@ -200,9 +213,12 @@ def _missing(send: Send, replies: Sequence[Any]) -> list[int]:
     """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``:
     the script did not run. Never within ``MULTI`` … ``EXEC``: sent alone, the script
     would run outside the transaction, whose other commands were applied or not."""
-    missing = []
+    missing: list[int] = []
+    if not any(isinstance(reply, rex.NoScriptError) for reply in replies):
+        return missing
     queued = False
-    for index, (command, reply) in enumerate(zip(send.commands, replies, strict=True)):
+    for index, (packed, reply) in enumerate(zip(send.commands, replies, strict=True)):
+        command = arguments(packed)
         name = _text(command[0]).upper()
         if name == "MULTI":
             queued = True
@@ -419,13 +435,19 @@ class translated:  # noqa: N801 - used as a function: ``with translated(pool):``
             raise translate_error(exc, self.pool, self.connecting_tls) from exc
 
 
-def pack(commands: Sequence[Command]) -> list[bytes]:
+def pack(commands: Sequence[AnyCommand]) -> list[bytes]:
     """``commands`` in the wire protocol, as one buffer: a round trip is one write.
 
     The list is the form redis-py connections' ``send_packed_command`` takes.
     """
-    # hiredis's stub declares a 1-tuple where any tuple of arguments is meant.
-    return [b"".join([hiredis.pack_command(command) for command in commands])]  # type: ignore[arg-type]
+    return [
+        b"".join(
+            [
+                command if isinstance(command, bytes) else hiredis.pack_command(command)  # type: ignore[arg-type]
+                for command in commands
+            ]
+        )
+    ]
 
 
 def settle(send: Send, replies: list[Any]) -> list[Any]:
@@ -444,9 +466,9 @@ def settle(send: Send, replies: list[Any]) -> list[Any]:
     return replies
 
 
-def describe(command: Command) -> str:
+def describe(command: AnyCommand) -> str:
     """A command as an error message names it: its name and what it acts on."""
-    words = [_text(word) for word in command[:4]]
+    words = [_text(word) for word in arguments(command)[:4]]
     name = words[0].upper()
     if name in ("EVAL", "EVALSHA"):
         return f"script on {words[3]}" if len(words) > 3 else "script"

@@ -152,7 +152,7 @@ class SyncDriver:
                 replies = fx.put_back(send, replies, self._round_trip(send, again))
             return fx.settle(send, replies)
 
-    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command]) -> list[Any]:
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.AnyCommand]) -> list[Any]:
         """The raw replies to ``commands`` of ``send`` (within its budget), error replies
         in place."""
         name = send.pool

@@ -19,12 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._effects import Command, Op, Parallel, ReplyError, Send, describe
+from ._effects import AnyCommand, Command, Op, Parallel, ReplyError, Send, describe
 from .config import StreamSpec
 from .core import BrokerCore
 from .errors import BrokerError, InvalidArgumentError, ReplicationError
 from .gc import collected, stream_collect_command
-from .wire import encode_fields
+from .wire import packed_xadd
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -70,7 +70,7 @@ def _publisher_collected(core: BrokerCore, spec: StreamSpec, reply: Any) -> None
         )
 
 
-def _check_published(pool: str, commands: list[Command], replies: list[Any]) -> None:
+def _check_published(pool: str, commands: list[AnyCommand], replies: list[Any]) -> None:
     """Raise for the first ``XADD`` refused among ``replies`` (sent with errors in place)."""
     for command, reply in zip(commands, replies, strict=False):
         if isinstance(reply, ReplyError):
@@ -113,10 +113,9 @@ def replication(replicas: object, timeout: object, socket_timeout: float) -> Rep
     return Replication(replicas, float(timeout)) if replicas else None
 
 
-def _xadd(core: BrokerCore, spec: StreamSpec, body: Any, meta: Mapping[str, str] | None) -> Command:
-    """The ``XADD`` of one event; raises for an event that cannot be sent."""
-    fields = encode_fields(spec.name, body, meta, core.codec, core.max_body_size)
-    return ("XADD", spec.key, "*", *fields)
+def _xadd(core: BrokerCore, spec: StreamSpec, body: Any, meta: Mapping[str, str] | None) -> bytes:
+    """The ``XADD`` of one event, packed; raises for an event that cannot be sent."""
+    return packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
 
 
 def publish(
@@ -141,7 +140,7 @@ def _publish(
 ) -> Op[str]:
     spec = core.stream(stream)
     command = _xadd(core, spec, body, meta)
-    commands = [command]
+    commands: list[AnyCommand] = [command]
     collect = spec.limited and _collect_due(core, spec.name, 1)
     if collect:
         commands.append(stream_collect_command(spec))
@@ -200,7 +199,7 @@ class BatchBuffer:
     def __init__(self, core: BrokerCore, wait: Replication | None = None) -> None:
         self._core = core
         self._wait = wait
-        self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
+        self._commands: list[tuple[str, str, bytes]] = []  # (pool, stream, packed XADD)
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
         self._limited: Counter[str] = Counter()  # events queued per stream with limits
@@ -268,7 +267,7 @@ class BatchBuffer:
     def _send(self) -> Op[tuple[list[str], dict[str, list[Any]]]]:
         """Send the events; returns their ids and, per pool, the replies of its round trip
         (the last one a ``WAIT``'s, when waiting for replicas)."""
-        per_pool: dict[str, list[Command]] = {}
+        per_pool: dict[str, list[AnyCommand]] = {}
         for pool, _, command in self._commands:
             per_pool.setdefault(pool, []).append(command)
         collects = self._due_collections()
