@@ -113,11 +113,6 @@ def replication(replicas: object, timeout: object, socket_timeout: float) -> Rep
     return Replication(replicas, float(timeout)) if replicas else None
 
 
-def _xadd(core: BrokerCore, spec: StreamSpec, body: Any, meta: Mapping[str, str] | None) -> bytes:
-    """The ``XADD`` of one event, packed; raises for an event that cannot be sent."""
-    return packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
-
-
 def publish(
     core: BrokerCore,
     stream: str,
@@ -139,7 +134,7 @@ def _publish(
     wait: Replication | None,
 ) -> Op[str]:
     spec = core.stream(stream)
-    command = _xadd(core, spec, body, meta)
+    command = packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
     commands: list[AnyCommand] = [command]
     collect = spec.limited and _collect_due(core, spec.name, 1)
     if collect:
@@ -209,14 +204,15 @@ class BatchBuffer:
 
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
-        spec = self._core.stream(stream)
-        tracing = self._core.tracing
+        core = self._core
+        spec = core.stream(stream)
+        tracing = core.tracing
         if tracing is not None:
             if self._span is None:
-                server = self._core.registry.pools[spec.pool].server_address
+                server = core.registry.pools[spec.pool].server_address
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
-        command = _xadd(self._core, spec, body, meta)
+        command = packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
         if spec.limited:
             self._limited[stream] += 1
         self._commands.append((spec.pool, stream, command))
@@ -284,9 +280,12 @@ class BatchBuffer:
                 sent, due = len(per_pool[send.pool]), collects.get(send.pool, [])
                 for spec, reply in zip(due, result[sent : sent + len(due)], strict=True):
                     _publisher_collected(self._core, spec, reply)
-        replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
         try:
-            ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]
+            if len(sends) == 1:  # the usual batch: one reply per command, the XADDs' first
+                ids = [reply.decode() for reply in results[0][: len(self._commands)]]
+            else:
+                replies = {s.pool: iter(result) for s, result in zip(sends, results, strict=True)}
+                ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]
         except StopIteration:
             raise BrokerError("a pool answered fewer replies than commands sent") from None
         observer = self._core.observer

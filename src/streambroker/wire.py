@@ -145,6 +145,12 @@ def packed_xadd(
         fields = encode_fields(stream, body, meta, codec, max_body_size)
         packed: bytes = hiredis.pack_command(("XADD", key, "*", *fields))  # type: ignore[arg-type]
         return packed
-    data = _encode_body(stream, body, codec, 0, max_body_size)
+    data: bytes | None
+    try:
+        data = codec.encode(body)
+    except (TypeError, ValueError, OverflowError):
+        data = None
+    if data is None or len(data) > max_body_size:
+        data = _encode_body(stream, body, codec, 0, max_body_size)  # raises, naming the stream
     head, tail = _XADD_PARTS.get((key, codec.name)) or _xadd_parts(key, codec.name)
     return b"%s$%d\r\n%s%s" % (head, len(data), data, tail)
