@@ -194,13 +194,14 @@ class BatchBuffer:
     def __init__(self, core: BrokerCore, wait: Replication | None = None) -> None:
         self._core = core
         self._wait = wait
-        self._commands: list[tuple[str, str, bytes]] = []  # (pool, stream, packed XADD)
+        self._queued: dict[str, list[AnyCommand]] = {}  # per pool, the packed XADDs in order
+        self._streams: list[str] = []  # the stream of each event, in publish order
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
         self._limited: Counter[str] = Counter()  # events queued per stream with limits
 
     def __len__(self) -> int:
-        return len(self._commands)
+        return len(self._streams)
 
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
@@ -215,23 +216,35 @@ class BatchBuffer:
         command = packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
         if spec.limited:
             self._limited[stream] += 1
-        self._commands.append((spec.pool, stream, command))
+        queue = self._queued.get(spec.pool)
+        if queue is None:
+            queue = self._queued[spec.pool] = []
+        queue.append(command)
+        self._streams.append(stream)
+
+    def _clear(self) -> None:
+        self._queued.clear()
+        self._streams.clear()
+        self._limited.clear()
 
     def discard(self, error: BaseException | None = None) -> None:
         """Drop the queued events unsent (the batch's block raised ``error``)."""
-        self._commands.clear()
-        self._limited.clear()
+        self._clear()
         self._end_span([], error)
 
     def _end_span(self, ids: list[str], error: BaseException | None) -> None:
         if self._span is not None and self._core.tracing is not None:
-            streams = [stream for _, stream, _ in self._commands]
-            self._core.tracing.finish_send(self._span, streams, ids, error)
+            self._core.tracing.finish_send(self._span, list(self._streams), ids, error)
             self._span = None
+
+    def _pools(self) -> list[str]:
+        """The pool of each event queued, in publish order."""
+        streams = self._core.registry.streams
+        return [streams[stream].pool for stream in self._streams]
 
     def flush(self) -> Op[list[str]]:
         """Send every queued event, one pipeline per pool; returns all ids in order."""
-        if not self._commands:
+        if not self._streams:
             return self.ids
         try:
             ids, replies_of = yield from self._send()
@@ -239,12 +252,12 @@ class BatchBuffer:
             self._end_span([], exc)
             raise
         error = None
+        pools = self._pools() if len(replies_of) > 1 else None  # None: all of one pool
         for pool, replies in replies_of.items():  # the events were written all the same
-            written = [i for i, (p, _, _) in zip(ids, self._commands, strict=True) if p == pool]
+            written = [i for i, p in zip(ids, pools, strict=True) if p == pool] if pools else ids
             error = error or _replicated(self._wait, pool, replies, written)
         self._end_span(ids, error)
-        self._commands.clear()
-        self._limited.clear()
+        self._clear()
         self.ids.extend(ids)
         if error is not None:
             raise error
@@ -263,9 +276,7 @@ class BatchBuffer:
     def _send(self) -> Op[tuple[list[str], dict[str, list[Any]]]]:
         """Send the events; returns their ids and, per pool, the replies of its round trip
         (the last one a ``WAIT``'s, when waiting for replicas)."""
-        per_pool: dict[str, list[AnyCommand]] = {}
-        for pool, _, command in self._commands:
-            per_pool.setdefault(pool, []).append(command)
+        per_pool = self._queued
         collects = self._due_collections()
         wait = self._wait
         sends = []
@@ -282,14 +293,15 @@ class BatchBuffer:
                     _publisher_collected(self._core, spec, reply)
         try:
             if len(sends) == 1:  # the usual batch: one reply per command, the XADDs' first
-                ids = [reply.decode() for reply in results[0][: len(self._commands)]]
+                ids = [reply.decode() for reply in results[0][: len(self._streams)]]
             else:
                 replies = {s.pool: iter(result) for s, result in zip(sends, results, strict=True)}
-                ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]
+                ids = [next(replies[pool]).decode() for pool in self._pools()]
         except StopIteration:
             raise BrokerError("a pool answered fewer replies than commands sent") from None
         observer = self._core.observer
         if observer is not None:
-            for (pool, stream), count in Counter((p, s) for p, s, _ in self._commands).items():
-                observer.published(pool, stream, count)
+            streams = self._core.registry.streams
+            for stream, count in Counter(self._streams).items():
+                observer.published(streams[stream].pool, stream, count)
         return ids, {send.pool: result for send, result in zip(sends, results, strict=True)}

@@ -113,6 +113,8 @@ def _encode_body(stream: str, body: Any, codec: Codec, meta_size: int, max_body_
     return data
 
 
+#: The length lines of the bulk strings of usual bodies, made once.
+_LENGTHS = [b"$%d\r\n" % size for size in range(1024)]
 #: Per (key, codec): the wire protocol of an ``XADD`` of a body without meta tags, before
 #: and after the body's length and bytes.
 _XADD_PARTS: dict[tuple[str, str], tuple[bytes, bytes]] = {}
@@ -153,4 +155,6 @@ def packed_xadd(
     if data is None or len(data) > max_body_size:
         data = _encode_body(stream, body, codec, 0, max_body_size)  # raises, naming the stream
     head, tail = _XADD_PARTS.get((key, codec.name)) or _xadd_parts(key, codec.name)
-    return b"%s$%d\r\n%s%s" % (head, len(data), data, tail)
+    size = len(data)
+    length = _LENGTHS[size] if size < len(_LENGTHS) else b"$%d\r\n" % size
+    return b"".join((head, length, data, tail))
