@@ -24,7 +24,7 @@ from .config import StreamSpec
 from .core import BrokerCore
 from .errors import BrokerError, InvalidArgumentError, ReplicationError
 from .gc import collected, stream_collect_command
-from .wire import packed_xadd
+from .wire import XaddPacker, xadd_packer
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -68,6 +68,18 @@ def _publisher_collected(core: BrokerCore, spec: StreamSpec, reply: Any) -> None
         log.warning(
             "stream %s: its publisher could not apply its retention limits: %s", spec.name, exc
         )
+
+
+def _packer(core: BrokerCore, stream: str) -> tuple[StreamSpec, XaddPacker]:
+    """The spec of ``stream`` and what packs its ``XADD`` commands (made on first use);
+    raises :class:`~streambroker.UnknownStreamError`."""
+    try:
+        return core.packers[stream]
+    except (KeyError, TypeError):
+        spec = core.stream(stream)
+        packer = xadd_packer(spec.key, spec.name, core.codec, core.max_body_size)
+        core.packers[stream] = spec, packer
+        return spec, packer
 
 
 def _check_published(pool: str, commands: list[AnyCommand], replies: list[Any]) -> None:
@@ -133,8 +145,8 @@ def _publish(
     meta: Mapping[str, str] | None,
     wait: Replication | None,
 ) -> Op[str]:
-    spec = core.stream(stream)
-    command = packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
+    spec, pack = _packer(core, stream)
+    command = pack(body, meta)
     commands: list[AnyCommand] = [command]
     collect = spec.limited and _collect_due(core, spec.name, 1)
     if collect:
@@ -206,14 +218,17 @@ class BatchBuffer:
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
         core = self._core
-        spec = core.stream(stream)
+        try:
+            spec, pack = core.packers[stream]
+        except (KeyError, TypeError):
+            spec, pack = _packer(core, stream)
         tracing = core.tracing
         if tracing is not None:
             if self._span is None:
                 server = core.registry.pools[spec.pool].server_address
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
-        command = packed_xadd(spec.key, spec.name, body, meta, core.codec, core.max_body_size)
+        command = pack(body, meta)
         if spec.limited:
             self._limited[stream] += 1
         queue = self._queued.get(spec.pool)

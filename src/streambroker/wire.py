@@ -13,7 +13,7 @@ and every meta tag's name and value (UTF-8).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import hiredis
@@ -26,8 +26,9 @@ __all__ = [
     "CODEC_FIELD",
     "MAX_META_TAGS",
     "RESERVED_PREFIX",
+    "XaddPacker",
     "encode_fields",
-    "packed_xadd",
+    "xadd_packer",
 ]
 
 BODY_FIELD = "$body"
@@ -115,46 +116,41 @@ def _encode_body(stream: str, body: Any, codec: Codec, meta_size: int, max_body_
 
 #: The length lines of the bulk strings of usual bodies, made once.
 _LENGTHS = [b"$%d\r\n" % size for size in range(1024)]
-#: Per (key, codec): the wire protocol of an ``XADD`` of a body without meta tags, before
-#: and after the body's length and bytes.
-_XADD_PARTS: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+#: Packs the ``XADD`` of one event (its body and meta tags) to one stream.
+XaddPacker = Callable[[Any, Mapping[str, str] | None], bytes]
 
 
-def _xadd_parts(key: str, codec: str) -> tuple[bytes, bytes]:
-    # hiredis packs each part, so the whole is what it would make of the command.
-    head = hiredis.pack_command(("XADD", key, "*", BODY_FIELD))  # type: ignore[arg-type]
-    tail = hiredis.pack_command((CODEC_FIELD, codec))  # type: ignore[arg-type]
-    parts = b"*7" + head[2:], b"\r\n" + tail[tail.index(b"\n") + 1 :]
-    _XADD_PARTS[key, codec] = parts
-    return parts
+def xadd_packer(key: str, stream: str, codec: Codec, max_body_size: int) -> XaddPacker:
+    """What packs the ``XADD`` of an entry to ``key`` in the wire protocol (as
+    ``hiredis.pack_command`` would); it raises before anything is sent, as
+    :func:`encode_fields`.
 
-
-def packed_xadd(
-    key: str,
-    stream: str,
-    body: Any,
-    meta: Mapping[str, str] | None,
-    codec: Codec,
-    max_body_size: int,
-) -> bytes:
-    """The ``XADD`` of one entry to ``key``, in the wire protocol (as ``hiredis.pack_command``
-    makes it); raises before anything is sent, as :func:`encode_fields`.
-
-    The usual event (a body, no meta tags) costs one encoding and one formatting: the
-    parts around its body are packed once per stream.
+    The usual event (a body, no meta tags) costs one encoding and one join: the parts
+    around its body are packed here, once per stream.
     """
-    if meta or body is None:
-        fields = encode_fields(stream, body, meta, codec, max_body_size)
-        packed: bytes = hiredis.pack_command(("XADD", key, "*", *fields))  # type: ignore[arg-type]
-        return packed
-    data: bytes | None
-    try:
-        data = codec.encode(body)
-    except (TypeError, ValueError, OverflowError):
-        data = None
-    if data is None or len(data) > max_body_size:
-        data = _encode_body(stream, body, codec, 0, max_body_size)  # raises, naming the stream
-    head, tail = _XADD_PARTS.get((key, codec.name)) or _xadd_parts(key, codec.name)
-    size = len(data)
-    length = _LENGTHS[size] if size < len(_LENGTHS) else b"$%d\r\n" % size
-    return b"".join((head, length, data, tail))
+    # hiredis packs each part, so the whole is what it would make of the command.
+    packed_head: bytes = hiredis.pack_command(("XADD", key, "*", BODY_FIELD))  # type: ignore[arg-type]
+    packed_tail: bytes = hiredis.pack_command((CODEC_FIELD, codec.name))  # type: ignore[arg-type]
+    head = b"*7" + packed_head[2:]
+    tail = b"\r\n" + packed_tail[packed_tail.index(b"\n") + 1 :]
+    encode = codec.encode
+    lengths = _LENGTHS
+    known = len(lengths)
+
+    def pack(body: Any, meta: Mapping[str, str] | None) -> bytes:
+        if meta or body is None:
+            fields = encode_fields(stream, body, meta, codec, max_body_size)
+            packed: bytes = hiredis.pack_command(("XADD", key, "*", *fields))  # type: ignore[arg-type]
+            return packed
+        data: bytes | None
+        try:
+            data = encode(body)
+        except (TypeError, ValueError, OverflowError):
+            data = None
+        if data is None or len(data) > max_body_size:
+            data = _encode_body(stream, body, codec, 0, max_body_size)  # raises, naming the stream
+        size = len(data)
+        return b"".join((head, lengths[size] if size < known else b"$%d\r\n" % size, data, tail))
+
+    return pack
