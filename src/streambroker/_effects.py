@@ -43,7 +43,7 @@ AnyHandler = Callable[[Any], object]
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
 #: A command as a :class:`Send` carries it: its arguments, or the command already in the
-#: wire protocol (bytes, as :func:`pack` would make it: see :func:`~.wire.packed_xadd`).
+#: wire protocol (bytes, as :func:`pack` would make it: see :func:`~.wire.xadd_packer`).
 AnyCommand = Command | bytes
 
 #: An operation: a generator of effects returning ``T``.
