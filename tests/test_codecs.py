@@ -177,6 +177,38 @@ def test_raw_entry_holds_meta_body_and_codec(broker: sb.Broker, server: Server) 
     assert msgspec.msgpack.decode(fields[b"$body"]) == body
 
 
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+def test_entries_of_every_body_size_are_plain_whether_published_alone_or_in_a_batch(
+    open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server, codec: str
+) -> None:
+    """The packed ``XADD`` of a body of any size (around the sizes whose length line is
+    made once, and past them) is what any client reads back, with or without meta."""
+    sizes = [0, 1, 1000, 1017, 1018, 1019, 1020, 1021, 1022, 5000]
+    bodies: list[Any] = ["é" * (size // 2) + "x" * (size % 2) for size in sizes]
+    with open_broker(config, codec=codec) as broker:
+        alone = [broker.publish("stream-a", body) for body in bodies]
+        with broker.batch() as batch:
+            for body in bodies:
+                batch.publish("stream-a", body)
+            batch.publish("stream-a", "tagged", meta={"k": "v"})
+        entries = raw_entries(server)
+        events = consume(broker)
+    assert [i.decode() for i, _ in entries] == alone + batch.ids
+    encode = msgspec.json.encode if codec == "json" else msgspec.msgpack.encode
+    expected = [{b"$body": encode(body), b"$codec": codec.encode()} for body in bodies * 2]
+    expected.append({b"k": b"v", b"$body": encode("tagged"), b"$codec": codec.encode()})
+    assert [fields for _, fields in entries] == expected
+    assert [event.body for event in events] == [*bodies, *bodies, "tagged"]
+
+
+def test_a_batch_refuses_an_unregistered_or_unhashable_stream(broker: sb.Broker) -> None:
+    batch = broker.batch()
+    for stream in ("no-such-stream", ["not", "a", "name"]):
+        with pytest.raises(sb.UnknownStreamError):
+            batch.publish(stream, 1)  # type: ignore[arg-type]
+    assert len(batch) == 0
+
+
 def test_json_codec_writes_json(
     open_broker: OpenBroker, config: sb.ValidatedRegistry, server: Server
 ) -> None:

@@ -321,6 +321,33 @@ def test_a_slow_handler_of_ten_thousand_keeps_and_acks_them(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_heartbeats_touch_a_slow_batch_that_follows_quick_ones(
+    broker: sb.Broker, server: Server
+) -> None:
+    """The heartbeat thread, left waiting for a beat of a quick batch, still beats while
+    a later batch is handled: the events in hand are touched (their idle time, which
+    only grows otherwise, falls)."""
+    publish_many(broker, "stream-c", 30)
+    client = server.client(3)
+    batches = 0
+    seen: list[int] = []
+
+    def touched() -> bool:
+        rows = client.xpending_range("stream-c", "read-group-c", "-", "+", 10, consumername="w")
+        seen.append(max(row["time_since_delivered"] for row in rows))
+        return len(seen) > 1 and seen[-1] < seen[-2]
+
+    def handler(events: list[sb.Event]) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 3:
+            wait_for(touched, what="a heartbeat touching the events in hand")
+
+    consumer = broker.consumer("read-group-c", "w", **{**FAST, "retry_after": 0.3, "lease": 3})
+    assert consumer.consume(handler, count=10, block=False) == 30
+    assert batches == 3
+
+
 def test_ten_thousand_pending_events_are_claimed_and_reclaimed(
     config: sb.ValidatedRegistry, server: Server
 ) -> None:

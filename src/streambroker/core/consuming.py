@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..config.registry import StreamSpec, check_name
@@ -181,6 +182,14 @@ class _Outgoing:
     checked_acks: dict[str, list[str]] = field(default_factory=dict)
     dead: list[tuple[str, Command]] = field(default_factory=list)
     restore: list[tuple[str, Command]] = field(default_factory=list)
+
+
+# What a batch's checks read of each of its events, in C rather than Python per event.
+_KEY = attrgetter("key")
+_ID = attrgetter("id")
+_READ_AT = attrgetter("read_at")
+_ERROR = attrgetter("error")
+_DELIVERIES = attrgetter("delivery_count")
 
 
 def _id_key(event: Event) -> tuple[int, int]:
@@ -684,13 +693,15 @@ class ConsumerCore:
         if kind == "read":
             for raw_key, entries in reply or ():
                 source = self._sources[raw_key.decode()]
+                stream, key = source.stream, source.key
+                if not measure:
+                    into += [Event(stream, i.decode(), f, key, 1, read_at) for i, f in entries]
+                    continue
                 for raw_id, fields in entries:
-                    if measure and (size := entry_size(fields)) > limit:
-                        self._set_aside(source.key, raw_id.decode(), size, 1)
+                    if (size := entry_size(fields)) > limit:
+                        self._set_aside(key, raw_id.decode(), size, 1)
                         continue
-                    into.append(
-                        Event(source.stream, raw_id.decode(), fields, source.key, 1, read_at)
-                    )
+                    into.append(Event(stream, raw_id.decode(), fields, key, 1, read_at))
         elif kind in ("own", "retry", "reclaim"):
             entries, counts, gone, cursor, *forgotten = reply
             source = self._sources[key]
@@ -802,14 +813,15 @@ class ConsumerCore:
         """Set aside events whose consumer died handling them on their last delivery
         (see :mod:`~streambroker.core.handing`); sort the rest."""
         kept = events
-        if any(died_on_last_delivery(event.delivery_count) for event in events):
+        # Events read for the first time (not redelivered) were delivered once.
+        if self._redelivered and events and died_on_last_delivery(max(map(_DELIVERIES, events))):
             kept = []
             for event in events:
                 if died_on_last_delivery(event.delivery_count):
                     self._bury(event, DIED_ON_LAST_DELIVERY)
                 else:
                     kept.append(event)
-        if len({event.key for event in kept}) > 1:
+        if len(set(map(_KEY, kept))) > 1:
             kept.sort(key=_id_key)
         return kept
 
@@ -994,18 +1006,18 @@ class ConsumerCore:
         now = time.monotonic()
         safe = self.options.retry_after * _SAFE_SHARE
         limit = self.options.max_deliveries
-        keys = {event.key for event in events}
+        keys = set(map(_KEY, events))
         if (
             failure is None
             and len(keys) == 1
             and not self._lost
-            and now - min(event.read_at for event in events) < safe
-            and all(event.error is None for event in events)
+            and now - min(map(_READ_AT, events)) < safe
+            and list(map(_ERROR, events)).count(None) == len(events)
         ):
             # The common case, in one go: a whole fresh batch of one stream handled.
             (key,) = keys
             out = self._outgoing[self._sources[key].pool]
-            out.acks.setdefault(key, []).extend([event.id for event in events])
+            out.acks.setdefault(key, []).extend(map(_ID, events))
             if self.core.observer is not None:
                 self._observe({(key, "acked"): len(events)})
             return

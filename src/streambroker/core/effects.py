@@ -16,6 +16,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import hiredis
+
 from ..errors import (
     OutOfMemoryError,
     PoolConnectionError,
@@ -36,6 +38,9 @@ AnyHandler = Callable[[Any], object]
 
 Arg = str | bytes | int | float
 Command = tuple[Arg, ...]
+#: A command as a :class:`Send` carries it: its arguments, or the command already in the
+#: wire protocol (bytes: see :func:`~streambroker.wire.entry.xadd_packer`).
+AnyCommand = Command | bytes
 
 #: An operation: a generator of effects returning ``T``.
 Op = Generator["Effect", Any, T]
@@ -53,7 +58,7 @@ class Send:
     """
 
     pool: str
-    commands: Sequence[Command]
+    commands: Sequence[AnyCommand]
     allow_errors: bool = False
     budget: int = 0
     received: int = 0
@@ -119,8 +124,9 @@ def is_script(sha: Arg) -> bool:
     return word_text(sha) in _SCRIPTS
 
 
-def with_text(command: Command) -> Command:
+def with_text(command: AnyCommand) -> Command:
     """The ``EVALSHA`` ``command`` of a :class:`Script` as ``EVAL`` with the script's text."""
+    command = arguments(command)
     return ("EVAL", _SCRIPTS[word_text(command[1])].text, *command[2:])
 
 
@@ -225,9 +231,18 @@ def outcome(perform: Callable[..., Any], *args: Any) -> tuple[Any, BaseException
         return None, exc
 
 
-def describe(command: Command) -> str:
+def arguments(command: AnyCommand) -> Command:
+    """The arguments of ``command`` (read back from the wire protocol when packed)."""
+    if isinstance(command, bytes):
+        reader = hiredis.Reader()
+        reader.feed(command)
+        return tuple(reader.gets())
+    return command
+
+
+def describe(command: AnyCommand) -> str:
     """A command as an error message names it: its name and what it acts on."""
-    words = [word_text(word) for word in command[:4]]
+    words = [word_text(word) for word in arguments(command)[:4]]
     name = words[0].upper()
     if name in ("EVAL", "EVALSHA"):
         return f"script on {words[3]}" if len(words) > 3 else "script"

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.registry import StreamSpec
 from ..errors import BrokerError, InvalidArgumentError, ReplicationError
-from ..wire.entry import encode_fields
-from .effects import Command, Op, Parallel, ReplyError, Send, describe
+from ..wire.entry import XaddPacker, xadd_packer
+from .effects import AnyCommand, Command, Op, Parallel, ReplyError, Send, describe
 from .gc import collected, stream_collect_command
 from .state import BrokerCore
 
@@ -70,7 +70,19 @@ def _publisher_collected(core: BrokerCore, spec: StreamSpec, reply: Any) -> None
         )
 
 
-def _check_published(pool: str, commands: list[Command], replies: list[Any]) -> None:
+def _packer(core: BrokerCore, stream: str) -> tuple[StreamSpec, XaddPacker]:
+    """The spec of ``stream`` and what packs its ``XADD`` commands (made on first use);
+    raises :class:`~streambroker.UnknownStreamError`."""
+    try:
+        return core.packers[stream]
+    except (KeyError, TypeError):
+        spec = core.stream(stream)
+        packer = xadd_packer(spec.key, spec.name, core.codec, core.max_body_size)
+        core.packers[stream] = spec, packer
+        return spec, packer
+
+
+def _check_published(pool: str, commands: list[AnyCommand], replies: list[Any]) -> None:
     """Raise for the first ``XADD`` refused among ``replies`` (sent with errors in place)."""
     for command, reply in zip(commands, replies, strict=False):
         if isinstance(reply, ReplyError):
@@ -113,12 +125,6 @@ def replication(replicas: object, timeout: object, socket_timeout: float) -> Rep
     return Replication(replicas, float(timeout)) if replicas else None
 
 
-def _xadd(core: BrokerCore, spec: StreamSpec, body: Any, meta: Mapping[str, str] | None) -> Command:
-    """The ``XADD`` of one event; raises for an event that cannot be sent."""
-    fields = encode_fields(spec.name, body, meta, core.codec, core.max_body_size)
-    return ("XADD", spec.key, "*", *fields)
-
-
 def publish(
     core: BrokerCore,
     stream: str,
@@ -139,9 +145,9 @@ def _publish(
     meta: Mapping[str, str] | None,
     wait: Replication | None,
 ) -> Op[str]:
-    spec = core.stream(stream)
-    command = _xadd(core, spec, body, meta)
-    commands = [command]
+    spec, pack = _packer(core, stream)
+    command = pack(body, meta)
+    commands: list[AnyCommand] = [command]
     collect = spec.limited and _collect_due(core, spec.name, 1)
     if collect:
         commands.append(stream_collect_command(spec))
@@ -200,43 +206,60 @@ class BatchBuffer:
     def __init__(self, core: BrokerCore, wait: Replication | None = None) -> None:
         self._core = core
         self._wait = wait
-        self._commands: list[tuple[str, str, Command]] = []  # (pool, stream, XADD)
+        self._queued: dict[str, list[AnyCommand]] = {}  # per pool, the packed XADDs in order
+        self._streams: list[str] = []  # the stream of each event, in publish order
         self.ids: list[str] = []
         self._span: Span | None = None  # with tracing: the batch's PRODUCER span
         self._limited: Counter[str] = Counter()  # events queued per stream with limits
 
     def __len__(self) -> int:
-        return len(self._commands)
+        return len(self._streams)
 
     def add(self, stream: str, body: Any, meta: Mapping[str, str] | None) -> None:
         """Encode one event now (errors raise here, nothing is sent) and queue it."""
-        spec = self._core.stream(stream)
-        tracing = self._core.tracing
+        core = self._core
+        try:
+            spec, pack = core.packers[stream]
+        except (KeyError, TypeError):
+            spec, pack = _packer(core, stream)
+        tracing = core.tracing
         if tracing is not None:
             if self._span is None:
-                server = self._core.registry.pools[spec.pool].server_address
+                server = core.registry.pools[spec.pool].server_address
                 self._span = tracing.start_send(spec.name, server)
             meta = tracing.carrier(self._span, meta)
-        command = _xadd(self._core, spec, body, meta)
+        command = pack(body, meta)
         if spec.limited:
             self._limited[stream] += 1
-        self._commands.append((spec.pool, stream, command))
+        queue = self._queued.get(spec.pool)
+        if queue is None:
+            queue = self._queued[spec.pool] = []
+        queue.append(command)
+        self._streams.append(stream)
+
+    def _clear(self) -> None:
+        self._queued.clear()
+        self._streams.clear()
+        self._limited.clear()
 
     def discard(self, error: BaseException | None = None) -> None:
         """Drop the queued events unsent (the batch's block raised ``error``)."""
-        self._commands.clear()
-        self._limited.clear()
+        self._clear()
         self._end_span([], error)
 
     def _end_span(self, ids: list[str], error: BaseException | None) -> None:
         if self._span is not None and self._core.tracing is not None:
-            streams = [stream for _, stream, _ in self._commands]
-            self._core.tracing.finish_send(self._span, streams, ids, error)
+            self._core.tracing.finish_send(self._span, list(self._streams), ids, error)
             self._span = None
+
+    def _pools(self) -> list[str]:
+        """The pool of each event queued, in publish order."""
+        streams = self._core.registry.streams
+        return [streams[stream].pool for stream in self._streams]
 
     def flush(self) -> Op[list[str]]:
         """Send every queued event, one pipeline per pool; returns all ids in order."""
-        if not self._commands:
+        if not self._streams:
             return self.ids
         try:
             ids, replies_of = yield from self._send()
@@ -244,12 +267,12 @@ class BatchBuffer:
             self._end_span([], exc)
             raise
         error = None
+        pools = self._pools() if len(replies_of) > 1 else None  # None: all of one pool
         for pool, replies in replies_of.items():  # the events were written all the same
-            written = [i for i, (p, _, _) in zip(ids, self._commands, strict=True) if p == pool]
+            written = [i for i, p in zip(ids, pools, strict=True) if p == pool] if pools else ids
             error = error or _replicated(self._wait, pool, replies, written)
         self._end_span(ids, error)
-        self._commands.clear()
-        self._limited.clear()
+        self._clear()
         self.ids.extend(ids)
         if error is not None:
             raise error
@@ -268,9 +291,7 @@ class BatchBuffer:
     def _send(self) -> Op[tuple[list[str], dict[str, list[Any]]]]:
         """Send the events; returns their ids and, per pool, the replies of its round trip
         (the last one a ``WAIT``'s, when waiting for replicas)."""
-        per_pool: dict[str, list[Command]] = {}
-        for pool, _, command in self._commands:
-            per_pool.setdefault(pool, []).append(command)
+        per_pool = self._queued
         collects = self._due_collections()
         wait = self._wait
         sends = []
@@ -285,13 +306,17 @@ class BatchBuffer:
                 sent, due = len(per_pool[send.pool]), collects.get(send.pool, [])
                 for spec, reply in zip(due, result[sent : sent + len(due)], strict=True):
                     _publisher_collected(self._core, spec, reply)
-        replies = {send.pool: iter(result) for send, result in zip(sends, results, strict=True)}
         try:
-            ids = [next(replies[pool]).decode() for pool, _, _ in self._commands]
+            if len(sends) == 1:  # the usual batch: one reply per command, the XADDs' first
+                ids = [reply.decode() for reply in results[0][: len(self._streams)]]
+            else:
+                replies = {s.pool: iter(result) for s, result in zip(sends, results, strict=True)}
+                ids = [next(replies[pool]).decode() for pool in self._pools()]
         except StopIteration:
             raise BrokerError("a pool answered fewer replies than commands sent") from None
         observer = self._core.observer
         if observer is not None:
-            for (pool, stream), count in Counter((p, s) for p, s, _ in self._commands).items():
-                observer.published(pool, stream, count)
+            streams = self._core.registry.streams
+            for stream, count in Counter(self._streams).items():
+                observer.published(streams[stream].pool, stream, count)
         return ids, {send.pool: result for send, result in zip(sends, results, strict=True)}

@@ -28,6 +28,8 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from .effects import AnyCommand, arguments
+
 __all__ = [
     "KEYLESS",
     "MAX_ROUNDS",
@@ -149,7 +151,9 @@ class _Unit:
     fanned: dict[str, Any] = field(default_factory=dict)
 
 
-def _units(commands: Sequence[Command]) -> list[_Unit]:
+def _units(packed: Sequence[AnyCommand]) -> list[_Unit]:
+    # The XADDs of a batch come packed: read back (on cluster pools only) for their keys.
+    commands = [arguments(command) for command in packed]
     units: list[_Unit] = []
     index = 0
     while index < len(commands):
@@ -190,7 +194,7 @@ class Piece:
     """The commands of a round trip going to one node, in the round trip's order."""
 
     node: str
-    commands: list[Command] = field(default_factory=list)
+    commands: list[AnyCommand] = field(default_factory=list)
     #: Per command: (its unit, its index in the round trip); index -1 for an ``ASKING``.
     origins: list[tuple[int, int]] = field(default_factory=list)
 
@@ -239,7 +243,7 @@ class Refusal:
 
 
 def split(
-    commands: Sequence[Command],
+    commands: Sequence[AnyCommand],
     topology: Topology,
     units: list[_Unit] | None = None,
     sending: Sequence[int] | None = None,
@@ -298,7 +302,7 @@ def _combine(command: Command, replies: Sequence[Any], is_error: Callable[[Any],
 
 
 def route(
-    commands: Sequence[Command],
+    commands: Sequence[AnyCommand],
     topology: Topology,
     refusal: Callable[[Any], Refusal | None],
     is_error: Callable[[Any], bool],
@@ -335,7 +339,8 @@ def route(
             unit = units[index]
             if unit.rule in ("every", "written"):
                 fanned = list(unit.fanned.values())
-                replies[unit.start] = _combine(commands[unit.start], fanned, is_error)
+                command = arguments(commands[unit.start])
+                replies[unit.start] = _combine(command, fanned, is_error)
         if not refused or attempt == MAX_ROUNDS - 1:
             break
         first_refused = min(refused)

@@ -23,6 +23,7 @@ from .observer import Observer
 
 if TYPE_CHECKING:
     from ..tracing import Tracing
+from ..wire.entry import XaddPacker
 from .routes import Route, check_kind, check_routes, router
 from .sizes import DEFAULT_MAX_ENTRY_SIZE, RESERVED_SIZE
 
@@ -101,6 +102,8 @@ class BrokerCore:
         #: Per stream with retention limits: its events published since this broker's
         #: publishers last collected it, and when they collect it next at the latest.
         self.publisher_collects: dict[str, tuple[int, float]] = {}
+        #: Per stream published to: its spec, and what packs its ``XADD`` commands.
+        self.packers: dict[str, tuple[StreamSpec, XaddPacker]] = {}
 
     def add_handler(
         self,

@@ -247,7 +247,7 @@ class AsyncDriver:
         return replies
 
     async def _round_trip(
-        self, send: fx.Send, commands: Sequence[fx.Command], pool: Any
+        self, send: fx.Send, commands: Sequence[fx.AnyCommand], pool: Any
     ) -> list[Any]:
         """The raw replies to ``commands`` of ``send`` on a connection of ``pool``
         (within the send's budget), error replies in place."""

@@ -144,18 +144,16 @@ class ReplyBudget:
 class _CountingReader:
     """A ``hiredis.Reader`` whose input is counted against a :class:`ReplyBudget`."""
 
-    __slots__ = ("_budget", "_reader")
+    __slots__ = ("_budget", "_reader", "gets")
 
     def __init__(self, reader: Any, budget: ReplyBudget) -> None:
         self._reader = reader
         self._budget = budget
+        self.gets = reader.gets  # its own: a reply taken costs no call of Python's
 
     def feed(self, data: Any, offset: int = 0, length: int = -1) -> None:
         self._budget.spend(len(data) - offset if length < 0 else length)
         self._reader.feed(data, offset, length)
-
-    def gets(self, *args: Any) -> Any:
-        return self._reader.gets(*args)
 
     def has_data(self) -> bool:
         return bool(self._reader.has_data())
@@ -191,16 +189,18 @@ class _AsyncCountingParser(_AsyncHiredisParser):
 def _drain(connection: Any, replies: list[Any], count: int) -> None:
     """Take the replies already in ``connection``'s parser buffer, up to ``count`` in
     ``replies`` (error replies in place, as ``ResponseError`` instances)."""
-    reader = connection._parser._reader
-    while len(replies) < count:
-        reply = reader.gets()
-        if reply is NOT_ENOUGH_DATA:
-            return
-        if isinstance(reply, rex.ConnectionError):
-            raise reply
-        if isinstance(reply, list) and reply and isinstance(reply[0], rex.ConnectionError):
-            raise reply[0]
-        replies.append(reply)
+    gets = connection._parser._reader.gets
+    append = replies.append
+    for _ in range(count - len(replies)):
+        reply = gets()
+        if reply.__class__ is not bytes:  # the usual reply (an XADD's id) needs no check
+            if reply is NOT_ENOUGH_DATA:
+                return
+            if isinstance(reply, rex.ConnectionError):
+                raise reply
+            if isinstance(reply, list) and reply and isinstance(reply[0], rex.ConnectionError):
+                raise reply[0]
+        append(reply)
 
 
 def read_replies(connection: Any, count: int) -> list[Any]:

@@ -22,9 +22,11 @@ from ..core.effects import (
     OOM,
     READONLY,
     UNBLOCKED,
+    AnyCommand,
     Command,
     ReplyError,
     Send,
+    arguments,
     describe,
     is_script,
     scripts,
@@ -80,7 +82,7 @@ class LoadedScripts:
 
     def commands(
         self, send: Send, shas: Sequence[tuple[int, str]], pool: str | None = None
-    ) -> Sequence[Command]:
+    ) -> Sequence[AnyCommand]:
         """The commands of ``send``, with the scripts the server lacks as ``EVAL``
         (``pool``: the name the server is known by here, default the send's pool)."""
         held = self._held.get(send.pool if pool is None else pool)
@@ -118,9 +120,12 @@ def _missing(send: Send, replies: Sequence[Any]) -> list[int]:
     """The indexes of the ``EVALSHA`` commands of ``send`` whose reply is ``NOSCRIPT``:
     the script did not run. Never within ``MULTI`` … ``EXEC``: sent alone, the script
     would run outside the transaction, whose other commands were applied or not."""
-    missing = []
+    missing: list[int] = []
+    if not any(isinstance(reply, rex.NoScriptError) for reply in replies):
+        return missing
     queued = False
-    for index, (command, reply) in enumerate(zip(send.commands, replies, strict=True)):
+    for index, (packed, reply) in enumerate(zip(send.commands, replies, strict=True)):
+        command = arguments(packed)
         name = word_text(command[0]).upper()
         if name == "MULTI":
             queued = True
@@ -250,13 +255,19 @@ class translated:  # noqa: N801 - used as a function: ``with translated(pool):``
             raise translate_error(exc, self.pool, self.connecting_tls) from exc
 
 
-def pack(commands: Sequence[Command]) -> list[bytes]:
+def pack(commands: Sequence[AnyCommand]) -> list[bytes]:
     """``commands`` in the wire protocol, as one buffer: a round trip is one write.
 
     The list is the form redis-py connections' ``send_packed_command`` takes.
     """
-    # hiredis's stub declares a 1-tuple where any tuple of arguments is meant.
-    return [b"".join([hiredis.pack_command(command) for command in commands])]  # type: ignore[arg-type]
+    return [
+        b"".join(
+            [
+                command if isinstance(command, bytes) else hiredis.pack_command(command)  # type: ignore[arg-type]
+                for command in commands
+            ]
+        )
+    ]
 
 
 def settle(send: Send, replies: list[Any]) -> list[Any]:

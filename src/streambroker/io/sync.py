@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,9 @@ class _Heartbeat:
 
     :meth:`during` tells it a handler started (and when it ended); it then runs the
     handler's heartbeat operation every interval. One thread serves every batch, so
-    a batch costs no thread start.
+    a batch costs no thread start; and it is woken only when it would otherwise beat
+    too late: waiting for a beat, it finds out as it wakes that the handler changed
+    (a wake-up per batch would hand the GIL back and forth twice a batch).
     """
 
     def __init__(self, driver: SyncDriver) -> None:
@@ -42,6 +45,7 @@ class _Heartbeat:
         self._changed = threading.Condition()
         self._effect: fx.Handle | None = None
         self._since = 0.0
+        self._wake_at = math.inf  # when the thread wakes up by itself
         self._closed = False
         self._thread = threading.Thread(target=self._beat, name="streambroker-heartbeat")
         self._thread.start()
@@ -51,7 +55,8 @@ class _Heartbeat:
         with self._changed:
             self._effect = effect
             self._since = time.monotonic()
-            self._changed.notify()
+            if effect is not None and self._since + effect.interval < self._wake_at:
+                self._changed.notify()
 
     def close(self) -> None:
         """Stop the thread."""
@@ -65,9 +70,11 @@ class _Heartbeat:
             while not self._closed:
                 effect = self._effect
                 if effect is None or effect.heartbeat is None:
+                    self._wake_at = math.inf
                     self._changed.wait()
                     continue
-                due = self._since + effect.interval - time.monotonic()
+                self._wake_at = self._since + effect.interval
+                due = self._wake_at - time.monotonic()
                 if due > 0:
                     self._changed.wait(due)
                     continue
@@ -255,7 +262,7 @@ class SyncDriver:
             raise error
         return results
 
-    def _round_trip(self, send: fx.Send, commands: Sequence[fx.Command], pool: Any) -> list[Any]:
+    def _round_trip(self, send: fx.Send, commands: Sequence[fx.AnyCommand], pool: Any) -> list[Any]:
         """The raw replies to ``commands`` of ``send`` on a connection of ``pool`` (within
         the send's budget), error replies in place."""
         name = send.pool
