@@ -365,6 +365,15 @@ def test_claim_names_a_missing_or_same_source_and_counts_right(
 # -- stats ----------------------------------------------------------------------------
 
 
+def test_stats_on_a_narrow_terminal_cuts_nothing_short(project: Path) -> None:
+    """The table is as wide as its figures and names need, whatever the terminal's
+    width: its lines wrap there, but no name or figure ends in an ellipsis."""
+    result = run([*CLI, "stats"], project, COLUMNS="40")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "read-group-ab (not created yet)" in result.stdout
+    assert "…" not in result.stdout
+
+
 def test_stats_watch_shows_a_header_and_rates(project: Path, client: sb.Broker) -> None:
     def rows(name: str) -> list[list[str]]:
         return [line.split() for line in lines_of(output(project)[0]) if line.split()[:1] == [name]]

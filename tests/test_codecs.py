@@ -24,8 +24,6 @@ import streambroker as sb
 
 from .conftest import OpenBroker, Server
 
-pytestmark = pytest.mark.anywhere
-
 
 @dataclass
 class Order:

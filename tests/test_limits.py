@@ -34,8 +34,6 @@ from streambroker.wire.entry import MAX_META_TAGS
 from .conftest import OpenBroker, Server, wait_for
 from .faces import Loop
 
-pytestmark = pytest.mark.anywhere
-
 FAST = {"retry_after": 30.0, "lease": 5.0, "block_timeout": 0.2, "retry_delay": 0.01}
 MANY = 10_000
 DEAD_C = "{stream-c}:sb:dead:8:stream-c:read-group-c"

@@ -12,7 +12,6 @@ import json
 import signal
 import threading
 import time
-from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from streambroker.apps.cli import app
 
 from .conftest import OpenBroker, Server, free_port, wait_for
 from .faces import Loop, async_facade
+from .failover import FailoverRun
 from .servers import SentinelSet
 
 FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
@@ -311,50 +311,21 @@ def test_failover_publisher_and_consumer_carry_on(
     config = registry(sentinels.url(), pool="east")
     broker = config.broker(socket_timeout=5, connect_timeout=2)
     async_broker = async_facade(config, event_loop_thread, socket_timeout=5)
-    ok: dict[int, str] = {}  # sequence number -> id
-    failed: Counter[str] = Counter()
-    attempted: set[int] = set()
-    handled: list[int] = []
-    stop = threading.Event()
-    switched = threading.Event()
-    after_switch: list[int] = []
-    errors: list[BaseException] = []
     for face in (broker, async_broker):
         face.publish("probe", "before")  # connected to the master before the failover
-
-    def publish() -> None:
-        n = 0
-        while not stop.is_set():
-            attempted.add(n)
-            try:
-                ok[n] = broker.publish("orders", n, wait_replicas=1, wait_timeout=0.5)
-                if switched.is_set():
-                    after_switch.append(n)
-            except (sb.PoolConnectionError, sb.ReplicationError) as exc:
-                failed[type(exc).__name__] += 1
-                time.sleep(0.05)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            n += 1
-            time.sleep(0.005)
-
-    consumer = broker.consumer("billing", **FAST)
-
-    def consume() -> None:
-        try:
-            consumer.consume(lambda events: handled.extend(e.body for e in events))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=publish), threading.Thread(target=consume)]
-    for thread in threads:
-        thread.start()
+    run = FailoverRun(
+        broker,
+        ["orders"],
+        "billing",
+        FAST,
+        options={"wait_replicas": 1, "wait_timeout": 0.5},
+        expected=(sb.PoolConnectionError, sb.ReplicationError),
+    )
     try:
-        wait_for(lambda: len(handled) >= 50, 20, "events to flow")
+        run.start()
         old = sentinels.failover()
         wait_for(lambda: sentinels.master_address() != old, 20, "the sentinels to switch")
-        switched.set()
+        run.switched()
         new_master = sentinels.master().client()
 
         def lands_on_new_master(face: sb.Broker) -> bool:
@@ -371,32 +342,16 @@ def test_failover_publisher_and_consumer_carry_on(
         # they see it still acting as a master (some 10 s on); until then the new master
         # has no replica and every wait_replicas=1 fails. Done now to keep the test short.
         host, port = sentinels.master_address().split(":")
-        demoted = next(node for node in sentinels.nodes if node.address == old).client()
+        demoted = old_node.client()
         demoted.replicaof(host, port)
         demoted.close()
-        wait_for(lambda: len(after_switch) >= 50 or errors, 30, "publishing after the switch")
-        stop.set()
-        threads[0].join(timeout=30)
-        assert not threads[0].is_alive(), "a publish hung"
-        wait_for(lambda: set(ok) <= set(handled) or errors, 30, "every published event handled")
+        report = run.finish()
     finally:
-        stop.set()
-        consumer.stop()
-        for thread in threads:
-            thread.join(timeout=30)
+        run.close()
         broker.close()
         async_broker.close()
-    assert not errors, errors
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    counts = Counter(handled)
-    lost = set(ok) - set(handled)
-    unexpected = set(handled) - attempted
-    duplicated = sum(count - 1 for count in counts.values() if count > 1)
-    print(
-        f"{sentinels.kind}: {len(ok)} published, {dict(failed)} failed in the switch, "
-        f"{len(lost)} lost, {len(unexpected)} unexpected, {duplicated} duplicated"
-    )
-    assert (lost, unexpected) == (set(), set())
+    print(f"{sentinels.kind}: {report}")
+    assert (report.lost, report.unexpected) == (set(), set())
     assert sentinels.master_address() != old
 
 

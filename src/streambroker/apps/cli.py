@@ -355,10 +355,23 @@ def stats_table(
     return table
 
 
+#: Wider than any table: measuring within it finds the width a table needs.
+_UNBOUNDED = 100_000
+
+
 def _print_whole(console: Console, table: Table) -> None:
     """Print ``table`` as wide as it needs: no figure or name is ever cut short (on a
     narrower terminal, its lines wrap)."""
-    console.print(table, width=max(console.width, console.measure(table).maximum))
+    # Measured within more than the console's width, which would cap the measurement;
+    # printed on a console made that wide (print(width=...) is capped the same way).
+    unbounded = console.options.update_width(_UNBOUNDED)
+    needed = console.measure(table, options=unbounded).maximum
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def _warnings(streams: Sequence[StreamStats]) -> list[Text]:
