@@ -39,9 +39,9 @@ def fail_after_acking(count: int) -> sb.Handler:
     return handler
 
 
-#: Which of the pending events a rule takes: drawn as a number, not from the pending
-#: events themselves, so that what is drawn does not depend on the server's state (on a
-#: replay, timing may leave other events pending, and hypothesis must draw the same).
+#: Which of the pending events a rule takes: drawn as a number, before the pending events
+#: are known, so that what is drawn does not depend on the server's state (on a replay,
+#: timing may leave other events pending, and hypothesis must draw the same).
 PICK = st.integers(0, 1 << 16)
 
 
@@ -282,9 +282,9 @@ def test_no_event_is_removed_before_every_group_acked_it(
         @rule(data=st.data(), stream=st.sampled_from(sorted(STREAM_GROUPS)))
         def ack_some(self, data: st.DataObject, stream: str) -> None:
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
+            picks = data.draw(st.lists(PICK, max_size=3))
             pending = self._pending(stream, group)
             if pending:
-                picks = data.draw(st.lists(PICK, max_size=3))
                 chosen = list(dict.fromkeys(_picked(pending, pick) for pick in picks))
                 if chosen:
                     self.client.xack(stream, group, *[i for i, _ in chosen])
@@ -302,9 +302,10 @@ def test_no_event_is_removed_before_every_group_acked_it(
         def claim(self, data: st.DataObject, stream: str) -> None:
             """Another consumer takes pending events over (as after a crash)."""
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
+            pick = data.draw(PICK)
             pending = self._pending(stream, group)
             if pending:
-                event_id, owner = _picked(pending, data.draw(PICK))
+                event_id, owner = _picked(pending, pick)
                 target = next(c for c in CONSUMERS if c != owner)
                 self.client.xclaim(stream, group, target, 0, [event_id])
 
@@ -312,9 +313,10 @@ def test_no_event_is_removed_before_every_group_acked_it(
         def dead_letter(self, data: st.DataObject, stream: str) -> None:
             """Settle a poison event: copied aside, then acknowledged for its group."""
             group = data.draw(st.sampled_from(STREAM_GROUPS[stream]))
+            pick = data.draw(PICK)
             pending = self._pending(stream, group)
             if pending:
-                event_id, _ = _picked(pending, data.draw(PICK))
+                event_id, _ = _picked(pending, pick)
                 entry = self.client.xrange(stream, event_id, event_id)
                 if entry:
                     self.client.xadd(f"dead:{stream}:{group}", entry[0][1])
