@@ -204,6 +204,16 @@ class TlsServerProcess(ServerProcess):
         )
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a server on TLS presents (``cert_file``, ``key_file``) and the CA it and its
+    clients trust (``ca_file``)."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
 @dataclass
 class SentinelSet:
     """A master, one replica and three sentinels watching them as ``service``, on
@@ -388,12 +398,18 @@ class ClusterSet:
     agrees on the slot map and the replicas are synced. :meth:`kill_master` and
     :meth:`wait_promoted` fail a master over to its replica; :meth:`heal` brings killed
     nodes back as replicas.
+
+    With ``tls``, every node listens on TLS only (a :class:`TlsServerProcess` taking
+    clients without a certificate) and :meth:`client` trusts its CA; ``extra_args`` are
+    given to every node (e.g. ``--tls-cluster yes`` for the bus).
     """
 
     kind: str
     binary: str
     directory: Path
     with_replicas: bool = False
+    tls: TlsFiles | None = None
+    extra_args: tuple[str, ...] = ()
     #: The masters, in the order of their slot ranges once started.
     masters: list[ServerProcess] = field(default_factory=list)
     replicas: list[ServerProcess] = field(default_factory=list)
@@ -421,7 +437,19 @@ class ClusterSet:
         return f"{scheme}://{self.hosts}"
 
     def _node(self, name: str) -> ServerProcess:
-        node = ServerProcess(self.kind, self.binary, self.directory / name)
+        directory = self.directory / name
+        node: ServerProcess
+        if self.tls is None:
+            node = ServerProcess(self.kind, self.binary, directory)
+        else:
+            node = TlsServerProcess(
+                self.kind,
+                self.binary,
+                directory,
+                ca_file=self.tls.ca_file,
+                cert_file=self.tls.cert_file,
+                key_file=self.tls.key_file,
+            )
         node.extra_args = (
             *NO_PERSISTENCE,
             "--repl-diskless-sync",
@@ -443,6 +471,7 @@ class ClusterSet:
             # leave such a replica out of CLUSTER SLOTS.
             "--repl-ping-replica-period",
             "1",
+            *self.extra_args,
         )
         return node
 
@@ -553,10 +582,14 @@ class ClusterSet:
         _wait(self.synced, timeout, "the replicas to catch up")
 
     def client(self, socket_timeout: float = 60) -> redis.cluster.RedisCluster:
-        """A redis-py cluster client, knowing every master."""
+        """A redis-py cluster client, knowing every master (over TLS with ``tls``)."""
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": self.tls.ca_file}
         return redis.cluster.RedisCluster(
             startup_nodes=[redis.cluster.ClusterNode("127.0.0.1", m.port) for m in self.masters],
             socket_timeout=socket_timeout,
+            **tls,
         )
 
     def flush(self) -> None:

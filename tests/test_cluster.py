@@ -1,13 +1,15 @@
 """Pools on Redis Cluster: the address form, and a pool's work over a cluster's nodes
 (streams on each of three masters), on both server kinds and both faces: publish and
 batches, one group reading streams of every node, retries, dead letters and replay,
-garbage collection, stats, ``read`` and the CLI; a slot migrated under a running
-publisher and consumer; the replies of a round trip split over the nodes, in order."""
+garbage collection, stats, ``read`` and the CLI; the worker as a process; a slot migrated
+under a running publisher and consumer; the replies of a round trip split over the nodes,
+in order."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ from .conftest import OpenBroker, wait_for
 from .faces import Loop, async_facade
 from .failover import FailoverRun
 from .servers import ClusterSet, ServerProcess
+from .test_cli import CLI, output, started, stop_cleanly
 
 FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
 
@@ -271,6 +274,62 @@ def test_a_group_blocks_on_three_nodes_at_once(
         thread.join(timeout=30)
     assert not thread.is_alive()
     assert sorted(got) == sorted(streams)
+
+
+WORKER_APP = """\
+import threading
+
+import streambroker as sb
+
+registry = sb.Registry.from_yaml("streambroker.yaml").validate()
+broker = registry.{face}()
+lock = threading.Lock()
+
+
+@broker.handler("billing", count=4, **{fast!r})
+{define} handle(events):
+    with lock, open("handled.txt", "a") as out:
+        out.write("".join(event.stream + " " + event.id + "\\n" for event in events))
+"""
+
+
+@pytest.mark.parametrize("face", ["broker", "async_broker"])
+def test_the_worker_handles_events_of_every_node_until_sigterm(
+    cluster: ClusterSet, tmp_path: Path, face: str
+) -> None:
+    streams = spread(cluster)
+    (tmp_path / "streambroker.yaml").write_text(
+        f"default:\n    redis: {cluster.url()}\n    streams:\n"
+        + "".join(f"        {name}: [billing]\n" for name in streams)
+    )
+    define = "def" if face == "broker" else "async def"
+    (tmp_path / "app.py").write_text(WORKER_APP.format(face=face, define=define, fast=FAST))
+    handled = tmp_path / "handled.txt"
+
+    def lines() -> list[str]:
+        return handled.read_text().splitlines() if handled.exists() else []
+
+    broker = cluster_registry(cluster, streams).broker()
+    try:
+        published = [f"{name} {broker.publish(name, n)}" for n, name in enumerate(streams * 2)]
+        command = [*CLI, "worker", "app:broker", "--consumers", "2"]
+        with started(command, tmp_path) as process:
+            published += [f"{name} {broker.publish(name, n)}" for n, name in enumerate(streams)]
+            wait_for(lambda: len(lines()) >= 9, 30, "the worker to handle every event")
+            stop_cleanly(process, signal.SIGTERM)
+        out, err = output(tmp_path)
+        assert sorted(lines()) == sorted(published), err
+        assert {line.split()[0] for line in lines()} == set(streams)
+        assert "SIGTERM received: stopping after the batches in hand" in err
+        assert "worker stopped; handled 9 events: billing 9" in err
+        assert (out, "Traceback" in err) == ("", False)
+        # Each node's stream acknowledged, collected and left by the stopped consumers.
+        for name in streams:
+            assert cluster.node_of(name).client().xlen(name) == 0
+            group = broker.group_stats(name, "billing")
+            assert (group.lag, group.pending, group.consumers) == (0, 0, ())
+    finally:
+        broker.close()
 
 
 # -- a slot migrated under a publisher and a consumer -------------------------------------

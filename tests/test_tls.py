@@ -1,9 +1,13 @@
-"""TLS on a real server: Debian's redis-server, built with TLS, listening on TLS only.
+"""TLS on a real server: Debian's redis-server, built with TLS, listening on TLS only;
+and a cluster of three such masters (a replica each), its bus and replication on TLS too.
 
 The certificates are made for the test session: a CA the pools trust, a server
 certificate for 127.0.0.1 only (so ``localhost`` is another host), a client
 certificate whose key is protected by a passphrase, an expired one, and a CA nobody
 trusts with a client certificate of its own.
+
+The bundled Valkey is built without TLS (it refuses ``--tls-port``: "Failed finding
+TLS support"), so these tests run on redis-server only.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import streambroker as sb
 from streambroker.io.replies import translate_error
 
 from .conftest import OpenBroker, _require_binary
-from .servers import TlsServerProcess
+from .servers import ClusterSet, TlsFiles, TlsServerProcess
 from .test_cli import CLI, run
+from .test_cluster import FAST, spread, until
 
 PASSPHRASE = "SEKRIT-passphrase"
 WRONG_PASSPHRASE = "WRONG-SEKRIT"
@@ -137,6 +142,38 @@ def mutual_tls(_mutual_tls: TlsServerProcess) -> TlsServerProcess:
     """The flushed redis-server on TLS, requiring a client certificate."""
     _mutual_tls.flush()
     return _mutual_tls
+
+
+@pytest.fixture(scope="module")
+def _tls_cluster(
+    tmp_path_factory: pytest.TempPathFactory, certificates: Certificates
+) -> Iterator[ClusterSet]:
+    cluster = ClusterSet(
+        "redis",
+        _require_binary("redis"),
+        tmp_path_factory.mktemp("redis-tls-cluster"),
+        with_replicas=True,
+        tls=TlsFiles(certificates.ca, certificates.server_cert, certificates.server_key),
+        extra_args=("--tls-cluster", "yes", "--tls-replication", "yes"),
+    )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_cluster(_tls_cluster: ClusterSet) -> ClusterSet:
+    """The cluster of redis-servers on TLS only (clients, bus and replication), taking
+    clients without a certificate; every master flushed."""
+    _tls_cluster.wait_ready()
+    _tls_cluster.flush()
+    return _tls_cluster
+
+
+def cluster_url(cluster: ClusterSet, ca: str) -> str:
+    return f"{cluster.url('rediss+cluster')}?ssl_ca_certs={ca}"
 
 
 def registry_of(url: str) -> sb.ValidatedRegistry:
@@ -369,3 +406,44 @@ def test_a_tls_connection_ended_while_opening_is_explained(cause: OSError) -> No
         "(ssl_certfile, ssl_keyfile) or not trust the one given)"
     )
     assert "certificate" not in str(established)
+
+
+def test_a_cluster_over_tls_publishes_consumes_and_collects(
+    tls_cluster: ClusterSet, certificates: Certificates, open_broker: OpenBroker
+) -> None:
+    cluster = tls_cluster
+    for node in cluster.nodes:  # no plain port; the bus and replication on TLS too
+        settings = node.client().config_get("*port*") | node.client().config_get("tls-*")
+        assert (settings["port"], settings["tls-port"]) == ("0", str(node.port))
+        assert (settings["tls-cluster"], settings["tls-replication"]) == ("yes", "yes")
+    streams = spread(cluster)
+    config = sb.Registry()
+    config.register_redis(cluster_url(cluster, certificates.ca))
+    for name in streams:
+        config.register_stream(name, "default", ["g"])
+    broker = open_broker(config.validate())
+    ids = [broker.publish(name, {"n": n}) for n, name in enumerate(streams)]
+    with broker.batch(wait_replicas=1, wait_timeout=5) as batch:
+        for n in range(3, 9):
+            batch.publish(streams[n % 3], {"n": n})
+    ids += batch.ids
+    for name in streams:  # each on its own master (and replicated: wait_replicas=1 held)
+        assert cluster.node_of(name).client().xlen(name) == 3
+
+    seen: list[sb.Event] = []
+    consumer = broker.consumer("g", collect=False, **FAST)
+    until(consumer, seen.extend, lambda: len(seen) >= 9, "g to read the three streams")
+    assert sorted(event.body["n"] for event in seen) == list(range(9))
+    assert sorted(event.id for event in seen) == sorted(ids)
+    assert {event.stream for event in seen} == set(streams)
+    assert [cluster.node_of(name).client().xlen(name) for name in streams] == [3, 3, 3]
+    broker.collect_garbage(*streams)
+    assert [cluster.node_of(name).client().xlen(name) for name in streams] == [0, 0, 0]
+
+
+def test_a_cluster_of_an_untrusted_ca_is_refused(
+    tls_cluster: ClusterSet, certificates: Certificates, open_broker: OpenBroker
+) -> None:
+    message = refusal(open_broker, cluster_url(tls_cluster, certificates.other_ca))
+    assert "certificate verify failed" in message
+    assert tls_cluster.node_of("s").client().xlen("s") == 0
