@@ -445,5 +445,6 @@ def test_a_cluster_of_an_untrusted_ca_is_refused(
     tls_cluster: ClusterSet, certificates: Certificates, open_broker: OpenBroker
 ) -> None:
     message = refusal(open_broker, cluster_url(tls_cluster, certificates.other_ca))
+    assert "no TLS connection to a seed node of the cluster could be made" in message
     assert "certificate verify failed" in message
     assert tls_cluster.node_of("s").client().xlen("s") == 0

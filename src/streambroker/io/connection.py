@@ -436,9 +436,13 @@ def _cluster_kwargs(spec: PoolSpec, options: ConnectionOptions) -> dict[str, Any
 
 
 def _unreachable(spec: PoolSpec, exc: BaseException) -> PoolConnectionError:
-    return PoolConnectionError(
-        spec.name, f"no seed node of the cluster answered ({spec.display_address}): {exc}"
-    )
+    """The error of a cluster whose slot map could not be read from any seed node."""
+    # redis-py gives the nodes' errors as text only: a TLS failure shows as "[SSL: ...]".
+    if spec.tls and "SSL" in str(exc):
+        what = "no TLS connection to a seed node of the cluster could be made"
+    else:
+        what = "no seed node of the cluster answered"
+    return PoolConnectionError(spec.name, f"{what} ({spec.display_address}): {exc}")
 
 
 class SyncCluster:
