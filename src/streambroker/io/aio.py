@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio
 import redis.exceptions as rex
@@ -30,6 +30,7 @@ from .connection import (
 )
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 class AsyncDriver:
@@ -39,47 +40,21 @@ class AsyncDriver:
         self._registry = registry
         self.options = options
         self._scripts = rp.LoadedScripts()
-        self._clients: dict[str, redis.asyncio.Redis] = {}
-        self._making: dict[str, asyncio.Task[redis.asyncio.Redis]] = {}
-        self._clusters: dict[str, AsyncCluster] = {}
-        self._making_clusters: dict[str, asyncio.Task[AsyncCluster]] = {}
+        self._clients: _PerPool[redis.asyncio.Redis] = _PerPool()
+        self._clusters: _PerPool[AsyncCluster] = _PerPool()
 
     async def client(self, pool: str) -> redis.asyncio.Redis:
         """The client of ``pool``, made (and an embedded server started) on first use."""
-        client = self._clients.get(pool)
-        if client is not None:
-            return client
-        making = self._making.get(pool)
-        if making is None:
-            making = asyncio.ensure_future(async_client(self._registry.pools[pool], self.options))
-            making.add_done_callback(partial(self._made, pool))
-            self._making[pool] = making
-        # Shielded: one caller's cancellation must not fail the others waiting for it.
-        return await asyncio.shield(making)
-
-    def _made(self, pool: str, making: asyncio.Task[redis.asyncio.Redis]) -> None:
-        # Kept even when every caller was cancelled meanwhile: close() closes it.
-        del self._making[pool]
-        if not making.cancelled() and making.exception() is None:
-            self._clients[pool] = making.result()
+        spec = self._registry.pools[pool]
+        return await self._clients.get(pool, lambda: async_client(spec, self.options))
 
     async def cluster(self, pool: str) -> AsyncCluster | None:
         """The topology and node connections of ``pool`` when it is a cluster pool (its
         slot map read on first use), else None."""
-        found = self._clusters.get(pool)
-        if found is not None or not self._registry.pools[pool].cluster:
-            return found
-        making = self._making_clusters.get(pool)
-        if making is None:
-            making = asyncio.ensure_future(async_cluster(self._registry.pools[pool], self.options))
-            making.add_done_callback(partial(self._made_cluster, pool))
-            self._making_clusters[pool] = making
-        return await asyncio.shield(making)
-
-    def _made_cluster(self, pool: str, making: asyncio.Task[AsyncCluster]) -> None:
-        del self._making_clusters[pool]
-        if not making.cancelled() and making.exception() is None:
-            self._clusters[pool] = making.result()
+        spec = self._registry.pools[pool]
+        if not spec.cluster:
+            return None
+        return await self._clusters.get(pool, lambda: async_cluster(spec, self.options))
 
     async def run(
         self, op: fx.Op[T], handler: fx.AnyHandler | None = None, wake: asyncio.Event | None = None
@@ -282,16 +257,45 @@ class AsyncDriver:
 
     async def close(self) -> None:
         """Close every connection."""
-        if self._making:
-            await asyncio.wait(list(self._making.values()))  # to close those clients too
-        if self._making_clusters:
-            await asyncio.wait(list(self._making_clusters.values()))
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
+        for client in await self._clients.take():
             await client.aclose()
-        clusters, self._clusters = self._clusters, {}
-        for cluster in clusters.values():
+        for cluster in await self._clusters.take():
             await cluster.close()
+
+
+class _PerPool(Generic[V]):
+    """What is made once per pool by a coroutine (a client, a cluster's topology), on
+    first use: callers arriving while it is made await the same making."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, V] = {}
+        self._making: dict[str, asyncio.Task[V]] = {}
+
+    async def get(self, pool: str, make: Callable[[], Awaitable[V]]) -> V:
+        """The value of ``pool``, made by ``make()`` if it is not yet."""
+        found = self._made.get(pool)
+        if found is not None:
+            return found
+        making = self._making.get(pool)
+        if making is None:
+            making = asyncio.ensure_future(make())
+            making.add_done_callback(partial(self._done, pool))
+            self._making[pool] = making
+        # Shielded: one caller's cancellation must not fail the others waiting for it.
+        return await asyncio.shield(making)
+
+    def _done(self, pool: str, making: asyncio.Task[V]) -> None:
+        # Kept even when every caller was cancelled meanwhile: take() hands it over.
+        del self._making[pool]
+        if not making.cancelled() and making.exception() is None:
+            self._made[pool] = making.result()
+
+    async def take(self) -> list[V]:
+        """Every value made (once those being made are), forgotten here: to close them."""
+        if self._making:
+            await asyncio.wait(list(self._making.values()))
+        made, self._made = self._made, {}
+        return list(made.values())
 
 
 class _NodePool:

@@ -242,16 +242,21 @@ def reply_budget(connection: Any) -> ReplyBudget:
 ClientT = TypeVar("ClientT", redis.Redis, redis.asyncio.Redis)
 
 
+def _warn_if_unverified(spec: PoolSpec) -> None:
+    """Log that the pool's TLS certificates or host names are not checked, when so."""
+    if spec.tls_warning:
+        log.warning(
+            "redis pool %s (%s): TLS verification is off (%s)",
+            spec.name,
+            spec.display_address,
+            spec.tls_warning,
+        )
+
+
 def _client(cls: type[ClientT], spec: PoolSpec, kwargs: dict[str, Any]) -> ClientT:
     if spec.kind in ("url", "sentinel"):
         assert spec.url is not None
-        if spec.tls_warning:
-            log.warning(
-                "redis pool %s (%s): TLS verification is off (%s)",
-                spec.name,
-                spec.display_address,
-                spec.tls_warning,
-            )
+        _warn_if_unverified(spec)
     if spec.kind == "sentinel":
         return _master_client(cls, spec, kwargs)
     if spec.kind == "url":
@@ -453,13 +458,7 @@ class SyncCluster:
         kwargs = _cluster_kwargs(spec, options)
         del kwargs["ssl"]  # the connection class says it
         kwargs["connection_class"] = _CountingSSLConnection if spec.tls else _CountingConnection
-        if spec.tls_warning:
-            log.warning(
-                "redis pool %s (%s): TLS verification is off (%s)",
-                spec.name,
-                spec.display_address,
-                spec.tls_warning,
-            )
+        _warn_if_unverified(spec)
         nodes = [redis.cluster.ClusterNode(host, port) for host, port in spec.seeds[1:]]  # type: ignore[no-untyped-call]
         # Given a URL (of the first seed only), redis-py makes each node's connection pool
         # of the keyword arguments, connection class included.
@@ -578,13 +577,7 @@ async def async_cluster(spec: PoolSpec, options: ConnectionOptions) -> AsyncClus
         raise PoolConnectionError(
             spec.name, "the asyncio face cannot open a protected client key for a cluster"
         )
-    if spec.tls_warning:
-        log.warning(
-            "redis pool %s (%s): TLS verification is off (%s)",
-            spec.name,
-            spec.display_address,
-            spec.tls_warning,
-        )
+    _warn_if_unverified(spec)
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in spec.seeds]
     client = redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
     client.nodes_manager.connection_kwargs["parser_class"] = _AsyncCountingParser
