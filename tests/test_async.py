@@ -137,11 +137,19 @@ def test_a_slow_coroutine_handler_keeps_its_events(
             async def other(events: list[sb.Event]) -> None:
                 others.extend(e.id for e in events)
 
+            slow_consumer = broker.consumer("read-group-a", "slow", **PATIENT)
+            slow_task = asyncio.create_task(slow_consumer.consume(slow, block=False))
+
+            async def holding() -> None:
+                while not counts:
+                    await asyncio.sleep(0.01)
+
+            # The other consumer starts once the slow handler holds the event (else it
+            # could read it first).
+            await asyncio.wait_for(holding(), 20)
             helper = broker.consumer("read-group-a", "other", **PATIENT)
             helper_task = asyncio.create_task(helper.consume(other))
-            handled = await broker.consumer("read-group-a", "slow", **PATIENT).consume(
-                slow, block=False
-            )
+            handled = await slow_task
             await helper.stop()
             await helper_task
             assert handled == 1
