@@ -13,9 +13,7 @@ works, prints one JSON line of results.
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +35,7 @@ from .common import check, handle_raw, make_body, median, raw_client, raw_fields
 from .processes import Worker
 from .results import CaseResult, log, throughput_result
 from .servers import BenchServer
-from .worker import _emit, _ready_then_wait
+from .worker import _ready_then_wait, serve
 
 PROCESSES = 2
 GROUPS = tuple(f"g{index}" for index in range(PROCESSES))
@@ -218,8 +216,7 @@ ROLES = {
 
 
 def main() -> None:
-    settings = json.loads(sys.argv[1])
-    _emit(ROLES[settings["role"]](settings))
+    serve(ROLES)
 
 
 # -- the case ----------------------------------------------------------------------

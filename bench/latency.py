@@ -16,9 +16,7 @@ This module is also the worker of those processes:
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,9 +40,10 @@ from .common import (
     raw_client,
     registry,
 )
-from .processes import Worker
+from .processes import Worker, fresh_stream
 from .results import CaseResult, log
 from .servers import BenchServer
+from .worker import _ready_then_wait, serve
 
 #: The case's number in the table (its place in ``bench.cli.CASES``: ``--cases 9``).
 CASE = "9"
@@ -65,28 +64,12 @@ _FILLER = "x" * 83
 _encode = msgspec.msgpack.Encoder().encode
 
 
-#: The module the processes of the case run.
-MODULE = "bench.latency"
-
-
 def latency_body(seq: int, sent_ns: int) -> dict[str, Any]:
     """The body of the ``seq``-th event, sent at ``sent_ns`` (110-114 bytes of msgpack)."""
     return {"seq": seq, "sent": sent_ns, "data": _FILLER}
 
 
 # -- the processes -----------------------------------------------------------------
-
-
-def _emit(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(payload) + "\n")
-    sys.stdout.flush()
-
-
-def _ready_then_wait() -> None:
-    _emit({"ready": True})
-    line = sys.stdin.readline()
-    if line.strip() != "go":
-        raise SystemExit(f"expected 'go', got {line!r}")
 
 
 def _paced(settings: dict[str, Any], send: Callable[[int, int], None]) -> dict[str, Any]:
@@ -238,13 +221,7 @@ def _run_pair(
     server: BenchServer, face: str, rate: int, seconds: int, count: int, limit: float
 ) -> dict[str, Any]:
     """One run of one face at ``rate``: a consumer and a producer process."""
-    server.flush()
-    if face == "raw":
-        client = raw_client(server.address)
-        try:
-            client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-        finally:
-            client.close()
+    fresh_stream(server, face)
     warm = int(rate * WARMUP)
     common = {
         "address": server.address,
@@ -389,8 +366,7 @@ def bench_latency(
 
 
 def main() -> None:
-    settings = json.loads(sys.argv[1])
-    _emit(ROLES[settings["role"]](settings))
+    serve(ROLES)
 
 
 if __name__ == "__main__":

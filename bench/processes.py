@@ -82,10 +82,9 @@ class Worker:
         self._stderr.close()
 
 
-def _run_pair(
-    server: BenchServer, face: str, n: int, batch: int, count: int, limit: float
-) -> dict[str, Any]:
-    """One end-to-end run: a producer and a consumer process until every event is acked."""
+def fresh_stream(server: BenchServer, face: str) -> None:
+    """Flush ``server``; for the raw face, create the group its consumer reads (the
+    broker's consumer creates its own)."""
     server.flush()
     if face == "raw":
         client = raw_client(server.address)
@@ -93,6 +92,13 @@ def _run_pair(
             client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
         finally:
             client.close()
+
+
+def _run_pair(
+    server: BenchServer, face: str, n: int, batch: int, count: int, limit: float
+) -> dict[str, Any]:
+    """One end-to-end run: a producer and a consumer process until every event is acked."""
+    fresh_stream(server, face)
     common = {"address": server.address, "events": n, "limit": limit}
     consumer = Worker({**common, "role": f"{face}-consumer", "count": count, "block": True})
     producer = Worker({**common, "role": f"{face}-producer", "batch": batch})

@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import streambroker as sb
@@ -171,9 +172,15 @@ ROLES = {
 }
 
 
-def main() -> None:
+def serve(roles: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+    """Be the worker process of the role the settings (the first argument, JSON) name:
+    print what it returns as the last line."""
     settings = json.loads(sys.argv[1])
-    _emit(ROLES[settings["role"]](settings))
+    _emit(roles[settings["role"]](settings))
+
+
+def main() -> None:
+    serve(ROLES)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,12 @@ from streambroker.io.aio import AsyncDriver
 from streambroker.io.connection import ConnectionOptions
 from streambroker.io.sync import SyncDriver
 
-from .conftest import OpenBroker, wait_for
+from .conftest import OpenBroker, free_port, wait_for
 from .faces import Loop, async_facade
 from .failover import FailoverRun
 from .servers import ClusterSet, ServerProcess
 from .test_cli import CLI, output, started, stop_cleanly
+from .test_sentinel import failing_poison, problems, registry
 
 FAST = {"retry_after": 1.0, "lease": 2.0, "block_timeout": 0.2, "retry_delay": 0.05}
 
@@ -67,22 +68,6 @@ def cluster_registry(cluster: ClusterSet, streams: Sequence[str]) -> sb.Validate
     for name in streams:
         r.register_stream(name, "default", ["billing", "audit"])
     return r.validate()
-
-
-def registry(address: str, pool: str = "default") -> sb.ValidatedRegistry:
-    r = sb.Registry()
-    r.register_redis(address, pool=pool)
-    r.register_stream("orders", pool, ["billing"])
-    return r.validate()
-
-
-def problems(address: str, db: int | None = None) -> list[str]:
-    r = sb.Registry()
-    r.register_redis(address, db, pool="main")
-    r.register_stream("orders", "main", ["billing"])
-    with pytest.raises(sb.ConfigError) as caught:
-        r.validate()
-    return list(caught.value.problems)
 
 
 # -- the address form, without a server ------------------------------------------------
@@ -175,13 +160,7 @@ def test_cluster_pool_publishes_consumes_and_reports(
         assert cluster.node_of(name).client().xlen(name) == (4 if name == streams[0] else 3)
 
     handled: list[tuple[int, int]] = []
-
-    def handle(events: list[sb.Event]) -> None:
-        for event in events:
-            if event.meta.get("poison") == "yes":
-                event.fail(RuntimeError("poison"))
-            else:
-                handled.append((event.body["n"], event.delivery_count))
+    handle = failing_poison(handled)
 
     consumer = broker.consumer("billing", **{**FAST, "max_deliveries": 2})
     consumer.consume(handle, block=False)
@@ -436,8 +415,6 @@ def test_split_round_trips_reply_in_order(cluster_set: ClusterSet, face: str) ->
 def test_an_unreachable_cluster_is_a_connection_error_naming_the_pool(
     open_broker: OpenBroker,
 ) -> None:
-    from .conftest import free_port
-
     broker = open_broker(registry(f"redis+cluster://127.0.0.1:{free_port()}", pool="east"))
     with pytest.raises(sb.PoolConnectionError) as caught:
         broker.publish("orders", 1)

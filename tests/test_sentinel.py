@@ -46,6 +46,20 @@ def problems(address: str, db: int | None = None) -> list[str]:
     return list(caught.value.problems)
 
 
+def failing_poison(handled: list[tuple[int, int]]) -> sb.Handler:
+    """A handler that fails the events tagged ``poison=yes`` and records the others'
+    (body ``n``, delivery count) in ``handled``."""
+
+    def handle(events: list[sb.Event]) -> None:
+        for event in events:
+            if event.meta.get("poison") == "yes":
+                event.fail(RuntimeError("poison"))
+            else:
+                handled.append((event.body["n"], event.delivery_count))
+
+    return handle
+
+
 # -- the address form, without a server ------------------------------------------------
 
 
@@ -169,13 +183,7 @@ def test_sentinel_pool_publishes_consumes_and_reports(
     assert sentinels.master().client(db=2).xlen("orders") == 5
 
     handled: list[tuple[int, int]] = []
-
-    def handle(events: list[sb.Event]) -> None:
-        for event in events:
-            if event.meta.get("poison") == "yes":
-                event.fail(RuntimeError("poison"))
-            else:
-                handled.append((event.body["n"], event.delivery_count))
+    handle = failing_poison(handled)
 
     consumer = broker.consumer("billing", **{**FAST, "max_deliveries": 2})
     consumer.consume(handle, block=False)
