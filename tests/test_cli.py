@@ -584,6 +584,8 @@ def test_tail_with_group_acknowledges_what_it_prints(project: Path, client: sb.B
 # -- worker ---------------------------------------------------------------------------
 
 APP = """\
+import gc
+
 import redis
 
 import streambroker as sb
@@ -595,6 +597,7 @@ FAST = {fast!r}
 
 def record(group, events):
     client.rpush("handled:" + group, *[event.id for event in events])
+    client.set("gc-frozen", gc.get_freeze_count())
 
 
 @broker.handler("read-group-a", count=3, **FAST)
@@ -662,10 +665,13 @@ def test_worker_runs_the_handlers_until_sigterm(
         "worker stopped; handled 18 events: read-group-a 5, read-group-ab 8, read-group-c 5" in err
     )
     assert out == ""
+    # The objects made at start-up were frozen out of the garbage collector's reach.
+    assert int(records.get("gc-frozen") or 0) > 1000
 
 
 ASYNC_APP = """\
 import asyncio
+import gc
 
 import redis.asyncio
 
@@ -679,6 +685,7 @@ broker = sb.Registry.from_yaml("streambroker.yaml").validate().async_broker()
 async def handle_ab(events):
     await asyncio.sleep(0)
     await client.rpush("handled:read-group-ab", *[event.id for event in events])
+    await client.set("gc-frozen", gc.get_freeze_count())
 """
 
 
@@ -726,6 +733,7 @@ def test_worker_runs_coroutine_handlers_of_an_async_broker(
     handled = sorted(raw.decode() for raw in records.lrange("handled:read-group-ab", 0, -1))
     assert handled == sorted(ids)
     assert "worker stopped; handled 6 events: read-group-ab 6" in output(project)[1]
+    assert int(records.get("gc-frozen") or 0) > 1000
     group = client.group_stats("stream-b", "read-group-ab")
     assert (group.pending, group.consumers) == (0, ())
     assert client.stream_stats("stream-b").length == 0
