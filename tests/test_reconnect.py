@@ -176,3 +176,34 @@ def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "the server lost data" in m], messages
     assert [m for m in messages if "its lease expired" in m], messages
+
+
+def test_a_connection_closed_while_the_handler_ran_is_replaced_without_a_failed_round_trip(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer keeps its connection between round trips; one the server closed while
+    the handler ran (an idle timeout, ``CLIENT KILL``) is replaced before the next round
+    trip, as redis-py's pool replaces one it hands out: no round trip fails, nothing is
+    said, nothing is lost."""
+    caplog.set_level(logging.DEBUG, logger="streambroker")
+    killer = server.client()
+    kills: list[int] = []
+    seen: list[object] = []
+
+    def handler(events: list[sb.Event]) -> None:
+        seen.extend(event.body for event in events)
+        if len(kills) < 3:
+            kills.append(killer.client_kill_filter(_type="normal", skipme=True))
+
+    with _registry(server).broker() as broker:
+        for n in range(8):
+            broker.publish("stream-a", n)
+        handled = broker.consumer("read-group-a", "c", **FAST).consume(
+            handler, count=2, block=False
+        )
+        stats = broker.group_stats("stream-a", "read-group-a")
+    assert len(kills) == 3
+    assert min(kills) >= 1  # the consumer's connection among them
+    assert (handled, sorted(seen)) == (8, list(range(8)))
+    assert (stats.pending, stats.lag) == (0, 0)
+    assert not _retries(caplog), [record.getMessage() for record in _retries(caplog)]

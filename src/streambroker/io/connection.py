@@ -59,6 +59,7 @@ __all__ = [
     "async_cluster",
     "client_kwargs",
     "is_error",
+    "ready",
     "refusal_of",
     "reply_budget",
     "sync_client",
@@ -218,6 +219,16 @@ def read_replies(connection: Any, count: int) -> list[Any]:
             replies.append(exc)
         _drain(connection, replies, count)
     return replies
+
+
+def ready(connection: Any) -> bool:
+    """Whether a connection kept idle since its last round trip can take the next one:
+    nothing arrived on it meanwhile, not even the server closing it (what redis-py's pool
+    checks of a connection it hands out)."""
+    try:
+        return not connection.can_read()
+    except (rex.ConnectionError, rex.TimeoutError, OSError):
+        return False
 
 
 async def read_replies_async(connection: Any, count: int) -> list[Any]:

@@ -21,6 +21,7 @@ from .connection import (
     SyncCluster,
     is_error,
     read_replies,
+    ready,
     refusal_of,
     reply_budget,
     sync_client,
@@ -28,6 +29,9 @@ from .connection import (
 )
 
 T = TypeVar("T")
+
+#: The connections one run keeps between its round trips: pool name -> (pool, connection).
+Held = dict[str, tuple[Any, Any]]
 
 
 class _Heartbeat:
@@ -141,10 +145,14 @@ class SyncDriver:
     ) -> T:
         """Drive ``op`` to completion and return its result.
 
-        ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short.
+        ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short. The run
+        keeps the connection of each pool it sent to until it ends: a consume loop's round
+        trips then skip the pool's lock, bookkeeping and hooks (a third of the Python calls
+        of a round trip bringing one event).
         """
         driving = fx.Driving(op)
         beats: list[_Heartbeat] = []
+        held: Held = {}
         try:
             while not driving.done:
                 effect = driving.effect
@@ -152,17 +160,21 @@ class SyncDriver:
                     assert handler is not None
                     driving.resume(*fx.outcome(self._handle, effect, handler, beats))
                 else:
-                    driving.resume(*fx.outcome(self._perform, effect, wake))
+                    driving.resume(*fx.outcome(self._perform, effect, wake, held))
         finally:
             for beat in beats:
                 beat.close()
+            for pool, connection in held.values():
+                pool.release(connection)
         return driving.result  # type: ignore[return-value]
 
-    def _perform(self, effect: fx.Effect, wake: threading.Event | None) -> Any:
+    def _perform(
+        self, effect: fx.Effect, wake: threading.Event | None, held: Held | None = None
+    ) -> Any:
         if isinstance(effect, fx.Send):
-            return self._send(effect)
+            return self._send(effect, held)
         if isinstance(effect, fx.Parallel):
-            return self._parallel(effect)
+            return self._parallel(effect, held)
         assert isinstance(effect, fx.Sleep)
         return wake.wait(effect.seconds) if wake else time.sleep(effect.seconds)
 
@@ -177,29 +189,32 @@ class SyncDriver:
         finally:
             beats[0].during(None)
 
-    def _send(self, send: fx.Send) -> list[Any]:
+    def _send(self, send: fx.Send, held: Held | None = None) -> list[Any]:
         with rp.translated(send.pool):
             cluster = self.cluster(send.pool)
             if cluster is not None:
                 return rp.settle(send, self._on_cluster(send, cluster))
             pool = self.client(send.pool).connection_pool
-            return rp.settle(send, self._scripted(send, send.pool, pool))
+            if self._registry.pools[send.pool].kind == "sentinel":
+                held = None  # its pool checks where the master is as it hands connections out
+            return rp.settle(send, self._scripted(send, send.pool, pool, held))
 
-    def _scripted(self, send: fx.Send, server: str, pool: Any) -> list[Any]:
+    def _scripted(self, send: fx.Send, server: str, pool: Any, held: Held | None) -> list[Any]:
         """The raw replies to ``send`` on the connections of ``pool`` (of the server
         known as ``server``), its scripts sent as the server needs them."""
         shas = rp.scripts_of(send)
         if not shas:
-            return self._round_trip(send, send.commands, pool)
+            return self._round_trip(send, send.commands, pool, held)
         probe = self._scripts.probe(server, shas)
         if probe is not None:
-            (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe], pool)
+            (known,) = self._round_trip(fx.Send(send.pool, [probe]), [probe], pool, held)
             self._scripts.learn(server, probe, known)
-        replies = self._round_trip(send, self._scripts.commands(send, shas, server), pool)
+        commands = self._scripts.commands(send, shas, server)
+        replies = self._round_trip(send, commands, pool, held)
         self._scripts.ran(server, shas, replies)
         again = rp.missing_scripts(send, replies)
         if again:
-            replies = rp.put_back(send, replies, self._round_trip(send, again, pool))
+            replies = rp.put_back(send, replies, self._round_trip(send, again, pool, held))
         return replies
 
     def _on_cluster(self, send: fx.Send, cluster: SyncCluster) -> list[Any]:
@@ -234,7 +249,7 @@ class SyncDriver:
         def piece(index: int) -> list[Any]:
             node = pieces[index].node
             try:
-                return self._scripted(subs[index], f"{send.pool} {node}", cluster.pool(node))
+                return self._scripted(subs[index], f"{send.pool} {node}", cluster.pool(node), None)
             except BaseException:
                 cluster.stale = True  # the node may have failed: read the slot map again
                 raise
@@ -271,12 +286,22 @@ class SyncDriver:
             raise error
         return results
 
-    def _round_trip(self, send: fx.Send, commands: Sequence[fx.AnyCommand], pool: Any) -> list[Any]:
+    def _round_trip(
+        self, send: fx.Send, commands: Sequence[fx.AnyCommand], pool: Any, held: Held | None
+    ) -> list[Any]:
         """The raw replies to ``commands`` of ``send`` on a connection of ``pool`` (within
-        the send's budget), error replies in place."""
+        the send's budget), error replies in place; the connection is kept in ``held``
+        (when given) for the next round trip to the pool."""
         name = send.pool
-        with rp.translated(name, self._registry.pools[name].tls):
-            connection = pool.get_connection()
+        kept = held.pop(name, None) if held is not None else None
+        connection = kept[1] if kept is not None else None
+        if connection is not None and not ready(connection):
+            connection.disconnect()
+            pool.release(connection)
+            connection = None
+        if connection is None:
+            with rp.translated(name, self._registry.pools[name].tls):
+                connection = pool.get_connection()
         budget = reply_budget(connection)
         try:
             connection.send_packed_command(rp.pack(commands))
@@ -284,21 +309,26 @@ class SyncDriver:
             replies = read_replies(connection, len(commands))
         except BaseException:
             connection.disconnect()
+            pool.release(connection)
             raise
         finally:
             budget.stop()
+        if held is not None:
+            held[name] = (pool, connection)
+        else:
             pool.release(connection)
         return replies
 
-    def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
+    def _parallel(self, parallel: fx.Parallel, held: Held | None = None) -> list[list[Any]]:
         sends = parallel.sends
         if len(sends) <= 1:
-            return [self._send(send) for send in sends]
+            return [self._send(send, held) for send in sends]
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(thread_name_prefix="streambroker")
             executor = self._executor
-        futures = [executor.submit(self._send, send) for send in sends]
+        # Each send goes to a pool of its own: the threads touch distinct entries of held.
+        futures = [executor.submit(self._send, send, held) for send in sends]
         results: list[list[Any]] = []
         error: BaseException | None = None
         for future in futures:
