@@ -183,6 +183,7 @@ def remove_only(server: BenchServer, filler: Filler, n: int, how: str) -> dict[s
 def bench_ackdel(server: BenchServer, runs: int, n: int, filler: Filler) -> list[CaseResult]:
     """Case 11 on ``server`` (one with ``XACKDEL``): (a) against (b) for one and two groups
     and each of :data:`COUNTS`, then (c)."""
+    check(has_xackdel(server), f"ackdel: {server.version()} has no XACKDEL")
     results = []
     for groups in GROUP_SETS:
         for count in COUNTS:
@@ -206,9 +207,12 @@ def bench_ackdel(server: BenchServer, runs: int, n: int, filler: Filler) -> list
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        key: median([r[key] for r in runs]) if runs[0][key] is not None else None for key in runs[0]
-    }
+    """The median of each figure over ``runs`` (None where no run has it)."""
+    medians: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        medians[key] = median(values) if values else None
+    return medians
 
 
 def _consume_result(
