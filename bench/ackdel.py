@@ -48,7 +48,7 @@ def has_xackdel(server: BenchServer) -> bool:
     """Whether ``server`` has ``XACKDEL`` (Redis 8.2+)."""
     client = raw_client(server.address)
     try:
-        return bool(client.execute_command("COMMAND", "LIST", "FILTERBY", "PATTERN", "xackdel"))
+        return bool(client.command_list(pattern="xackdel"))
     finally:
         client.close()
 
