@@ -230,7 +230,7 @@ def _consume_result(
         case=f"11/{len(groups)}g/{count}",
         title=(
             f"ack and delete, {len(groups)} group{'s' if len(groups) > 1 else ''}, "
-            f"count={count:,}: XACK + collect script | XACKDEL ACKED (us: server time per entry)"
+            f"count={count:,}: XACK + collect script vs XACKDEL ACKED (us: server time per entry)"
         ),
         server=kind,
         unit="events/s",
