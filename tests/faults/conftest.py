@@ -26,8 +26,7 @@ import redis
 import streambroker as sb
 from streambroker.wire.keys import lease_key
 
-from ..conftest import Server, _require_binary
-from ..servers import SERVER_KINDS
+from ..conftest import Server, _require_binary, server_kinds
 from .checker import Letter, Report, check
 from .consumer import judge
 from .producer import Producer
@@ -413,10 +412,11 @@ def make_scenario(tmp_path: Path) -> Iterator[MakeScenario]:
         scenario.close()
 
 
-@pytest.fixture(params=SERVER_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    """Each server kind in turn, for scenarios that start (and kill) servers of their own."""
-    return str(request.param)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Scenarios that start (and kill) servers of their own take ``kind``: each server
+    kind in turn (Redis 8.2 too when marked ``redis8``)."""
+    if "kind" in metafunc.fixturenames:
+        metafunc.parametrize("kind", server_kinds(metafunc))
 
 
 MakeServer = Callable[..., Server]

@@ -40,6 +40,7 @@ def test_consumers_killed_at_random_while_a_producer_runs(
     assert report.dead == {}
 
 
+@pytest.mark.redis8  # takeovers: claims, and acknowledgements checked on the server
 def test_consumers_paused_past_retry_after_then_resumed(
     server: Server, make_scenario: MakeScenario
 ) -> None:

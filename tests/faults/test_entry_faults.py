@@ -50,6 +50,7 @@ MALFORMED: dict[str, tuple[dict[str | bytes, str | bytes], str]] = {
 }
 
 
+@pytest.mark.redis8
 def test_malformed_entries_become_dead_letters_and_never_crash_a_consumer(
     server: Server, make_scenario: MakeScenario
 ) -> None:

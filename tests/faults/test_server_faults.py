@@ -14,7 +14,8 @@ from .checker import FAILED, OK, UNKNOWN, mark_data_loss
 from .conftest import BUDGET, MakeScenario, MakeServer, Scenario, scaled
 from .streams import GROUPS
 
-pytestmark = pytest.mark.timeout(BUDGET + 60)
+#: Each on Redis 8.2 too: what the server does under faults is what these scenarios test.
+pytestmark = [pytest.mark.timeout(BUDGET + 60), pytest.mark.redis8]
 
 
 def spawn_consumers(scenario: Scenario) -> None:
