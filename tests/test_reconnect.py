@@ -207,3 +207,48 @@ def test_a_connection_closed_while_the_handler_ran_is_replaced_without_a_failed_
     assert (handled, sorted(seen)) == (8, list(range(8)))
     assert (stats.pending, stats.lag) == (0, 0)
     assert not _retries(caplog), [record.getMessage() for record in _retries(caplog)]
+
+
+def test_a_renewal_that_retook_the_lease_is_judged_by_the_renewal_sent_before_it(
+    config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat's renewal timed before a pause and sent after it retakes the expired
+    lease; the consumer loop's own renewal, sent after it, finds the lease and comes back
+    first. The heartbeat's reply then says the lease ran out while the process was paused,
+    not that the server lost it: it is judged by the renewal sent before it, not by the
+    loop's, which came back first but was sent later."""
+    lease = 0.5
+    with config.broker() as broker:
+        consumer = broker.consumer(
+            "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
+        )
+        core = consumer._core
+        driver = broker._driver
+        renew_sha = renew_command("", "g", "c", "t", 1)[1]
+
+        def renews(effect: fx.Effect) -> bool:
+            sends = effect.sends if isinstance(effect, fx.Parallel) else []
+            return any(command[1] == renew_sha for s in sends for command in s.commands)
+
+        driving = fx.Driving(core.consume(10, True))
+        deadline = time.monotonic() + 30
+        while not core.running:  # up to its first read: it holds the lease
+            assert time.monotonic() < deadline, "the consumer did not start"
+            driving.resume(*fx.outcome(driver._perform, driving.effect, None))
+        beat = fx.Driving(core.heartbeat())  # timed now...
+        time.sleep(2 * lease)  # ... while the lease runs out
+        beaten = fx.outcome(driver._perform, beat.effect, None)  # sent now: it retakes it
+        core._renew_at = 0.0
+        while not renews(driving.effect):
+            assert time.monotonic() < deadline, "the consumer loop did not renew"
+            driving.resume(*fx.outcome(driver._perform, driving.effect, None))
+        driving.resume(*fx.outcome(driver._perform, driving.effect, None))  # found, back first
+        beat.resume(*beaten)  # the heartbeat's reply last
+        assert beat.done
+        core.stopping = True
+        while not driving.done:
+            assert time.monotonic() < deadline, "the consumer did not stop"
+            driving.resume(*fx.outcome(driver._perform, driving.effect, None))
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "the server lost data" in m], messages
+    assert [m for m in messages if "its lease expired" in m], messages

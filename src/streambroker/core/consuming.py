@@ -277,6 +277,7 @@ class ConsumerCore:
         # Whether a loss of this group's data was reported (until the lease is seen again).
         self._loss_reported = False
         self._renewed_at = 0.0  # when the lease was last taken or renewed
+        self._renewal_after = 0.0  # the above when the loop timed its renewal in flight
         self.stopping = False
 
     # -- the loop ---------------------------------------------------------------
@@ -575,6 +576,7 @@ class ConsumerCore:
                 own = own[:BUDGET_ENTRIES]
                 piece = min(count, max(1, BUDGET_ENTRIES // len(own)))
             if renew and pool == self._lease_pool:
+                self._renewal_after = self._renewed_at
                 ttl = int(self.options.lease * 1000)
                 command = renew_command(self._prefix, self.group, self.name, self._token, ttl)
                 plan.append(("renew", "", command))
@@ -771,7 +773,7 @@ class ConsumerCore:
             self._collect_at = time.monotonic() + COLLECT_EVERY
             if self.core.observer is not None:
                 self.core.observer.collected(source.pool, source.stream, result.removed)
-        elif kind == "renew" and not self._renewed(reply, read_at):
+        elif kind == "renew" and not self._renewed(reply, read_at, self._renewal_after):
             raise LeaseLostError(
                 self.group,
                 self.name,
@@ -780,20 +782,23 @@ class ConsumerCore:
                 "name; stopping without acknowledging anything more",
             )
 
-    def _renewed(self, reply: Any, sent_at: float) -> bool:
+    def _renewed(self, reply: Any, sent_at: float, after: float) -> bool:
         """Take in the reply of a lease renewal sent at ``sent_at``, just arrived; False
-        when another process took the name.
+        when another process took the name. ``after`` is when the renewal (or taking)
+        that came back last before this one was timed was sent.
 
-        The previous renewal set the lease after it was sent, and this one ran before
-        its reply arrived (now): only when now is less than a lease after the previous
-        sending did the lease vanish before it could expire. (This renewal's own sending
-        time says nothing: the process may have been paused between taking it and
-        sending.)
+        That renewal set the lease after it was sent, and this one ran before its reply
+        arrived (now): only when now is less than a lease after that sending did the
+        lease vanish before it could expire. (This renewal's own sending time says
+        nothing: the process may have been paused between taking it and sending. Nor
+        does a renewal timed after this one and back first: the heartbeat thread and the
+        loop renew independently, and one timed before a pause may retake the lease
+        after the other found it.)
         """
         if reply == 0:
             self._lease_lost = True
             return False
-        since = time.monotonic() - self._renewed_at
+        since = time.monotonic() - after
         if reply != LEASE_RETAKEN:
             self._loss_reported = False
         elif since < self.options.lease:
@@ -806,7 +811,7 @@ class ConsumerCore:
                 self.group,
                 since,
             )
-        self._renewed_at = sent_at
+        self._renewed_at = max(self._renewed_at, sent_at)
         return True
 
     def _screen(self, events: list[Event]) -> list[Event]:
@@ -1085,7 +1090,7 @@ class ConsumerCore:
                 )
             if commands:
                 sends.append(Send(pool, commands))
-        sent_at = time.monotonic()
+        sent_at, after = time.monotonic(), self._renewed_at
         results = yield Parallel(sends)
         for send, replies in zip(sends, results, strict=True):
             touches = replies[:-1] if send.pool == self._lease_pool else replies
@@ -1093,7 +1098,7 @@ class ConsumerCore:
                 for event_id in lost:
                     self._lost.add((str(command[3]), event_id.decode()))
             if send.pool == self._lease_pool:
-                self._renewed(replies[-1], sent_at)
+                self._renewed(replies[-1], sent_at, after)
         self._renew_at = time.monotonic() + self.options.lease / 3
 
     def _flush(self, final: bool = True, mark: tuple[str, str, Command] | None = None) -> Op[Any]:
