@@ -26,8 +26,7 @@ from typing import Any
 import hiredis
 import redis
 
-import streambroker as sb
-
+from . import cases
 from .common import (
     BODY_FIELD,
     CODEC_FIELD,
@@ -39,11 +38,7 @@ from .common import (
     check,
     decode_body,
     encode_body,
-    handle_raw,
-    make_body,
     raw_client,
-    raw_fields,
-    registry,
 )
 from .results import console
 from .servers import SERVER_KINDS, BenchServer, start_servers
@@ -62,16 +57,7 @@ def _lean_connection(server: BenchServer) -> tuple[redis.Redis, Any]:
 
 
 def batch_raw(server: BenchServer, n: int, size: int) -> float:
-    client = raw_client(server.address)
-    client.ping()
-    with Stopwatch() as sw:
-        for start in range(0, n, size):
-            pipe = client.pipeline(transaction=False)
-            for seq in range(start, min(n, start + size)):
-                pipe.xadd(STREAM, raw_fields(seq))
-            pipe.execute()
-    client.close()
-    return sw.seconds
+    return cases.batch_raw(server.address, n, size)
 
 
 def batch_lean(server: BenchServer, n: int, size: int) -> float:
@@ -94,35 +80,19 @@ def batch_lean(server: BenchServer, n: int, size: int) -> float:
 
 
 def batch_sb(server: BenchServer, n: int, size: int) -> float:
-    with registry(server.address).broker() as broker:
-        broker.publish(STREAM, make_body(-1))  # connects; not counted
-        with Stopwatch() as sw:
-            for start in range(0, n, size):
-                with broker.batch() as batch:
-                    for seq in range(start, min(n, start + size)):
-                        batch.publish(STREAM, make_body(seq))
-    return sw.seconds
+    return cases.batch_sb(server.address, n, size)
 
 
 # -- consume and acknowledge ------------------------------------------------------
 
 
 def consume_raw(server: BenchServer, n: int, count: int) -> float:
-    client = raw_client(server.address)
-    handled = 0
-    with Stopwatch() as sw:
-        while reply := client.xreadgroup(GROUP, "raw", {STREAM: ">"}, count=count):
-            for _key, entries in reply:
-                ids = handle_raw(entries)
-                handled += len(ids)
-                client.xack(STREAM, GROUP, *ids)
-    client.close()
-    check(handled == n, f"raw consume: handled {handled} of {n}")
-    return sw.seconds
+    return cases.consume_raw(server.address, n, count)
 
 
 def _lean_consume(server: BenchServer, n: int, count: int, ahead: bool) -> float:
     client, connection = _lean_connection(server)
+    client.xgroup_create(STREAM, GROUP, id="0")
     read = hiredis.pack_command(
         ("XREADGROUP", "GROUP", GROUP, "lean", "COUNT", count, "STREAMS", STREAM, ">")
     )
@@ -172,16 +142,7 @@ def consume_lean_ahead(server: BenchServer, n: int, count: int) -> float:
 
 
 def consume_sb(server: BenchServer, n: int, count: int) -> float:
-    def handler(events: list[sb.Event]) -> None:
-        for event in events:
-            event.body  # noqa: B018 - decoding is part of consuming
-
-    with registry(server.address).broker() as broker:
-        consumer = broker.consumer(GROUP, "sb")
-        with Stopwatch() as sw:
-            handled = consumer.consume(handler, count=count, block=False)
-    check(handled == n, f"streambroker consume: handled {handled} of {n}")
-    return sw.seconds
+    return cases.consume_sb(server, n, count, collect=True, metrics=False)
 
 
 def _without_gc(loop: Loop) -> Loop:
@@ -231,7 +192,7 @@ def measure(
     server: BenchServer, loops: dict[str, Loop], runs: int, n: int, size: int, fill: bool
 ) -> dict[str, float]:
     """Median events/s of each loop over ``runs`` runs on a flushed (and, with ``fill``,
-    pre-filled and grouped) server; the loops' order rotates from run to run."""
+    pre-filled) server; the loops' order rotates from run to run."""
     filler = Filler(server.address)
     rates: dict[str, list[float]] = {name: [] for name in loops}
     names = list(loops)
@@ -240,9 +201,6 @@ def measure(
             server.flush()
             if fill:
                 filler.fill(n)
-                client = raw_client(server.address)
-                client.xgroup_create(STREAM, GROUP, id="0")
-                client.close()
             gc.collect()
             rates[name].append(n / loops[name](server, n, size))
             if fill:

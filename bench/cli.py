@@ -224,13 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     selected: list[str] = options["cases"]
     started = time.monotonic()
     # The selected cases of each server kind: a case of its own server runs on that
-    # kind alone, which is started for it when not asked for.
+    # kind alone, which is started for it when not asked for; the others on those asked.
+    asked: list[str] = options["servers"]
     cases_of: dict[str, list[str]] = {}
-    for kind in [
-        *options["servers"],
-        *(OWN_SERVER[name] for name in selected if name in OWN_SERVER),
-    ]:
-        names = [name for name in selected if OWN_SERVER.get(name, kind) == kind]
+    for kind in [*asked, *(OWN_SERVER[name] for name in selected if name in OWN_SERVER)]:
+        names = [
+            name
+            for name in selected
+            if OWN_SERVER.get(name) == kind or (name not in OWN_SERVER and kind in asked)
+        ]
         if names:
             cases_of[kind] = names
     servers, missing = start_servers(list(cases_of))

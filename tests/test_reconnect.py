@@ -6,12 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import streambroker as sb
 from streambroker.core import effects as fx
+from streambroker.core.consuming import ConsumerCore
 from streambroker.core.leases import renew_command
 
 from .conftest import OpenBroker, Server, _require_binary, wait_for
@@ -33,6 +36,25 @@ def _registry(server: Server) -> sb.ValidatedRegistry:
     registry.register_redis(server.address)
     registry.register_stream("stream-a", "default", ["read-group-a"])
     return registry.validate()
+
+
+RENEW_SHA = renew_command("", "g", "c", "t", 1)[1]
+
+
+def _renews(effect: fx.Effect) -> bool:
+    """Whether ``effect`` sends a lease renewal."""
+    sends = effect.sends if isinstance(effect, fx.Parallel) else []
+    return any(command[1] == RENEW_SHA for send in sends for command in send.commands)
+
+
+@contextmanager
+def _by_hand(config: sb.ValidatedRegistry, lease: float) -> Iterator[tuple[ConsumerCore, Any]]:
+    """A consumer of read-group-a, and the driver whose effects the test performs itself."""
+    with config.broker() as broker:
+        consumer = broker.consumer(
+            "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
+        )
+        yield consumer._core, broker._driver
 
 
 def _retries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -150,13 +172,7 @@ def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
     ran out, the server lost nothing. (Timed from the sending alone, the renewal looked
     sent in time, and the consumer reported a loss and recreated its groups.)"""
     lease = 0.5
-    with config.broker() as broker:
-        consumer = broker.consumer(
-            "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
-        )
-        core = consumer._core
-        driver = broker._driver
-        renew_sha = renew_command("", "g", "c", "t", 1)[1]
+    with _by_hand(config, lease) as (core, driver):
         driving = fx.Driving(core.consume(10, True))
         paused = False
         deadline = time.monotonic() + 30
@@ -166,8 +182,7 @@ def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
             if isinstance(effect, fx.Handle):
                 driving.resume(None, None)
                 continue
-            sends = effect.sends if isinstance(effect, fx.Parallel) else []
-            if not paused and any(c[1] == renew_sha for s in sends for c in s.commands):
+            if not paused and _renews(effect):
                 time.sleep(2 * lease)  # as if stopped between timing and sending
                 paused = True
                 core.stopping = True
@@ -218,18 +233,7 @@ def test_a_renewal_that_retook_the_lease_is_judged_by_the_renewal_sent_before_it
     not that the server lost it: it is judged by the renewal sent before it, not by the
     loop's, which came back first but was sent later."""
     lease = 0.5
-    with config.broker() as broker:
-        consumer = broker.consumer(
-            "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
-        )
-        core = consumer._core
-        driver = broker._driver
-        renew_sha = renew_command("", "g", "c", "t", 1)[1]
-
-        def renews(effect: fx.Effect) -> bool:
-            sends = effect.sends if isinstance(effect, fx.Parallel) else []
-            return any(command[1] == renew_sha for s in sends for command in s.commands)
-
+    with _by_hand(config, lease) as (core, driver):
         driving = fx.Driving(core.consume(10, True))
         deadline = time.monotonic() + 30
         while not core.running:  # up to its first read: it holds the lease
@@ -239,7 +243,7 @@ def test_a_renewal_that_retook_the_lease_is_judged_by_the_renewal_sent_before_it
         time.sleep(2 * lease)  # ... while the lease runs out
         beaten = fx.outcome(driver._perform, beat.effect, None)  # sent now: it retakes it
         core._renew_at = 0.0
-        while not renews(driving.effect):
+        while not _renews(driving.effect):
             assert time.monotonic() < deadline, "the consumer loop did not renew"
             driving.resume(*fx.outcome(driver._perform, driving.effect, None))
         driving.resume(*fx.outcome(driver._perform, driving.effect, None))  # found, back first
