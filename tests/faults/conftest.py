@@ -107,8 +107,13 @@ class Scenario:
             self.consumers.append(process)
         return process
 
+    def _ready(self, process: Process) -> Path:
+        """The file the current start of ``process`` creates once SIGTERM stops it gracefully."""
+        return self.logs / f"{process.name}-{process.starts}.ready"
+
     def _start(self, process: Process) -> None:
         process.starts += 1
+        process.settings["ready"] = str(self._ready(process))
         errors = open(self.logs / f"{process.name}-{process.starts}.stderr", "wb")  # noqa: SIM115
         process.popen = subprocess.Popen(
             [sys.executable, "-m", "tests.faults.consumer", json.dumps(process.settings)],
@@ -338,9 +343,17 @@ class Scenario:
         with self._lock:
             for process in self.consumers:
                 assert process.popen is not None
-                if process.popen.poll() is None:
-                    process.popen.send_signal(signal.SIGCONT)
-                    process.popen.send_signal(signal.SIGTERM)
+                process.popen.send_signal(signal.SIGCONT)
+            for process in self.consumers:
+                # One started again just now may still be importing: SIGTERM would kill it.
+                popen, ready = process.popen, self._ready(process)
+                assert popen is not None
+                self.wait_for(
+                    lambda p=popen, r=ready: r.exists() or p.poll() is not None,
+                    f"consumer {process.name} to handle SIGTERM",
+                )
+                if popen.poll() is None:
+                    popen.send_signal(signal.SIGTERM)
             for process in self.consumers:
                 assert process.popen is not None
                 try:

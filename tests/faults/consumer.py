@@ -21,6 +21,8 @@ decoded, or it has no token) is failed with the error reading it gave. A
 ``consume()`` that raises anything else is logged as a crash and started again after
 0.1 s, as is one that finds the name still held by a killed predecessor (after
 0.05 s, not logged). SIGTERM stops the consumer gracefully; the process then exits 0.
+Once it handles SIGTERM so, it creates the file ``ready`` names (until then, still
+starting, it would die of the signal).
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def run_sync(settings: dict[str, Any], handling: Handling) -> None:
             threading.Thread(target=consumer.stop).start()
 
         signal.signal(signal.SIGTERM, on_term)
+        Path(settings["ready"]).touch()
         while not stopping.is_set():
             try:
                 consumer.consume(handle, count=settings["count"], handle_signals=False)
@@ -195,6 +198,7 @@ async def run_async(settings: dict[str, Any], handling: Handling) -> None:
             task.add_done_callback(tasks.discard)
 
         loop.add_signal_handler(signal.SIGTERM, on_term)
+        Path(settings["ready"]).touch()
         while not stopping.is_set():
             try:
                 await consumer.consume(handle, count=settings["count"], handle_signals=False)
