@@ -147,7 +147,7 @@ class SyncDriver:
 
         ``handler`` performs ``Handle`` effects; ``wake`` cuts ``Sleep`` short. The run
         keeps the connection of each pool it sent to until it ends: a consume loop's round
-        trips then skip the pool's lock, bookkeeping and hooks (a third of the Python calls
+        trips then skip the pool's lock, bookkeeping and hooks (a quarter of the Python calls
         of a round trip bringing one event).
         """
         driving = fx.Driving(op)
