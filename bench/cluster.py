@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from .common import check, handle_raw, make_body, median, raw_client, raw_fields
 from .processes import Worker
 from .results import CaseResult, log, throughput_result
 from .servers import BenchServer
-from .worker import _ready_then_wait, serve
+from .worker import _ready_then_wait, consume_within, serve
 
 PROCESSES = 2
 GROUPS = tuple(f"g{index}" for index in range(PROCESSES))
@@ -153,13 +152,7 @@ def sb_consumer(settings: dict[str, Any]) -> dict[str, Any]:
                 consumer.stop()
 
         def work() -> int:
-            timer = threading.Timer(settings["limit"], consumer.stop)
-            timer.daemon = True
-            timer.start()
-            try:
-                consumer.consume(handler, count=count, block=False)
-            finally:
-                timer.cancel()
+            consume_within(consumer, handler, count, False, settings["limit"])
             return handled[0]
 
         return _timed(work)

@@ -61,6 +61,24 @@ class _Marks:
             self.rss[str(self._marks.pop(0))] = rss_mib()
 
 
+def consume_within(
+    consumer: sb.Consumer,
+    handler: Callable[[list[sb.Event]], None],
+    count: int,
+    block: bool,
+    limit: float,
+) -> None:
+    """``consumer.consume(handler, ...)``, stopped after ``limit`` seconds at the latest
+    (``stop()`` makes it return after its batch): a bound on the whole run."""
+    timer = threading.Timer(limit, consumer.stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        consumer.consume(handler, count=count, block=block)
+    finally:
+        timer.cancel()
+
+
 def sb_producer(settings: dict[str, Any]) -> dict[str, Any]:
     n, size = settings["events"], settings["batch"]
     with registry(settings["address"]).broker() as broker:
@@ -111,14 +129,7 @@ def sb_consumer(settings: dict[str, Any]) -> dict[str, Any]:
 
         rss_before = rss_mib()
         _ready_then_wait()
-        # A bound on the whole run: stop() makes consume() return after its batch.
-        timer = threading.Timer(settings["limit"], consumer.stop)
-        timer.daemon = True
-        timer.start()
-        try:
-            consumer.consume(handler, count=count, block=block)
-        finally:
-            timer.cancel()
+        consume_within(consumer, handler, count, block, settings["limit"])
         end = time.monotonic()
     return {
         "end": end,

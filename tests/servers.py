@@ -128,6 +128,14 @@ class ServerProcess:
         finally:
             client.close()
 
+    def role(self) -> str:
+        """``master`` or ``slave``, as the server says."""
+        client = self.client()
+        try:
+            return str(client.info("replication")["role"])
+        finally:
+            client.close()
+
     def version(self) -> str:
         """The server's name and version, e.g. ``valkey 9.0.0``."""
         client = self.client()
@@ -279,13 +287,6 @@ class SentinelSet:
             sentinel.start()
         self.wait_known(timeout)
 
-    def role(self, node: ServerProcess) -> str:
-        client = node.client()
-        try:
-            return str(client.info("replication")["role"])
-        finally:
-            client.close()
-
     def master(self) -> ServerProcess:
         """The node the sentinels name as the master."""
         address = self.master_address()
@@ -350,7 +351,7 @@ class SentinelSet:
                 ):
                     return False
             node = next(node for node in self.nodes if node.address == master)
-            return self.role(node) == "master"
+            return node.role() == "master"
         except (redis.RedisError, StopIteration):
             return False
 
@@ -519,14 +520,6 @@ class ClusterSet:
         """``CLUSTER INFO`` of ``node``."""
         lines = _command(node, "CLUSTER", "INFO").decode().splitlines()
         return dict(line.split(":", 1) for line in lines if ":" in line)
-
-    def role(self, node: ServerProcess) -> str:
-        """``master`` or ``slave``, as ``node`` says."""
-        client = node.client()
-        try:
-            return str(client.info("replication")["role"])
-        finally:
-            client.close()
 
     def slot_map(self, node: ServerProcess) -> tuple[tuple[int, int, int, tuple[int, ...]], ...]:
         """The slot map as ``node`` sees it: (first slot, last slot, master port, replica

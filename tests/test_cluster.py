@@ -12,7 +12,8 @@ import json
 import signal
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -232,12 +233,10 @@ def test_scripts_are_loaded_on_every_master(cluster: ClusterSet, open_broker: Op
         assert all(master.client().script_exists(*shas))
 
 
-def test_a_group_blocks_on_three_nodes_at_once(
-    cluster: ClusterSet, open_broker: OpenBroker
-) -> None:
-    streams = spread(cluster)
-    broker = open_broker(cluster_registry(cluster, streams))
-    consumer = broker.consumer("billing", **{**FAST, "block_timeout": 5.0})
+@contextmanager
+def _reading(consumer: sb.Consumer, join: float) -> Iterator[list[str]]:
+    """The streams of the events ``consumer`` reads, blocking in a thread meanwhile (its
+    groups made first); it is stopped at the end, and must be gone within ``join`` s."""
     consumer.consume(lambda events: None, block=False)  # the groups exist
     got: list[str] = []
     thread = threading.Thread(
@@ -245,13 +244,23 @@ def test_a_group_blocks_on_three_nodes_at_once(
     )
     thread.start()
     try:
+        yield got
+    finally:
+        consumer.stop()
+        thread.join(timeout=join)
+    assert not thread.is_alive()
+
+
+def test_a_group_blocks_on_three_nodes_at_once(
+    cluster: ClusterSet, open_broker: OpenBroker
+) -> None:
+    streams = spread(cluster)
+    broker = open_broker(cluster_registry(cluster, streams))
+    consumer = broker.consumer("billing", **{**FAST, "block_timeout": 5.0})
+    with _reading(consumer, 30) as got:
         for name in reversed(streams):
             broker.publish(name, {"to": name})
         wait_for(lambda: len(got) >= 3, 20, "the three events to be read")
-    finally:
-        consumer.stop()
-        thread.join(timeout=30)
-    assert not thread.is_alive()
     assert sorted(got) == sorted(streams)
 
 
@@ -706,18 +715,8 @@ def test_a_blocking_read_of_two_slots_on_one_node_is_capped(
     # Reclaiming and renewing the lease would cut the block short too: not for a while.
     slow = {"block_timeout": 60.0, "retry_after": 100.0, "lease": 100.0}
     consumer = broker.consumer("billing", **slow)
-    consumer.consume(lambda events: None, block=False)  # the groups exist
-    got: list[str] = []
-    thread = threading.Thread(
-        target=consumer.consume, args=(lambda events: got.extend(e.stream for e in events),)
-    )
-    thread.start()
-    try:
+    with _reading(consumer, 90) as got:
         admin = node.client()
         wait_for(lambda: any(c["cmd"] == "xreadgroup" for c in admin.client_list()), 20, "a read")
         broker.publish(second, {"on": second})
         wait_for(lambda: got == [second], 20, "the second stream's event")
-    finally:
-        consumer.stop()
-        thread.join(timeout=90)
-    assert not thread.is_alive()

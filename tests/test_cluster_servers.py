@@ -24,14 +24,19 @@ def test_three_masters_cover_the_16384_slots(cluster: ClusterSet) -> None:
     )
 
 
-def test_keys_of_three_slots_land_on_three_masters(cluster: ClusterSet) -> None:
-    assert len({cluster.node_of(key).port for key in KEYS}) == 3
+def _write_keys(cluster: ClusterSet) -> None:
+    """An entry in each of KEYS, through a cluster client."""
     client = cluster.client()
     try:
         for key in KEYS:
             client.xadd(key, {"key": key})
     finally:
         client.close()
+
+
+def test_keys_of_three_slots_land_on_three_masters(cluster: ClusterSet) -> None:
+    assert len({cluster.node_of(key).port for key in KEYS}) == 3
+    _write_keys(cluster)
     for key in KEYS:
         direct = cluster.node_of(key).client()
         try:
@@ -45,12 +50,7 @@ def test_a_killed_masters_replica_takes_over_with_the_data(
 ) -> None:
     cluster = cluster_with_replicas
     assert len(cluster.replicas) == 3
-    client = cluster.client()
-    try:
-        for key in KEYS:
-            client.xadd(key, {"key": key})
-    finally:
-        client.close()
+    _write_keys(cluster)
     cluster.wait_synced()
     victim = cluster.node_of(KEYS[0])
     replica = cluster.kill_master(victim)
@@ -62,11 +62,11 @@ def test_a_killed_masters_replica_takes_over_with_the_data(
     try:
         for key in KEYS:
             assert client.xlen(key) == 1
-        assert cluster.role(replica) == "master"
+        assert replica.role() == "master"
         # Back as the replica of the node that took over, the cluster whole again.
         cluster.heal()
         assert cluster.replica_of[replica.port] is victim
-        assert cluster.role(victim) == "slave"
+        assert victim.role() == "slave"
         assert len(cluster.masters) == len(cluster.replicas) == 3
         for key in KEYS:
             assert client.xlen(key) == 1

@@ -16,6 +16,7 @@ import streambroker as sb
 from streambroker.core import effects as fx
 from streambroker.core.consuming import ConsumerCore
 from streambroker.core.leases import renew_command
+from streambroker.wire.keys import lease_key
 
 from .conftest import OpenBroker, Server, _require_binary, wait_for
 from .servers import SERVER_KINDS
@@ -55,6 +56,15 @@ def _by_hand(config: sb.ValidatedRegistry, lease: float) -> Iterator[tuple[Consu
             "read-group-a", lease=lease, retry_after=lease, block_timeout=0.05
         )
         yield consumer._core, broker._driver
+
+
+def _until_expired(server: Server, core: ConsumerCore) -> None:
+    """Wait until the server let the consumer's lease run out, as a pause past it does."""
+    client = server.client()
+    try:
+        wait_for(lambda: not client.exists(lease_key("", core.group, core.name)), 10, "expiry")
+    finally:
+        client.close()
 
 
 def _retries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -165,7 +175,7 @@ def test_every_consumer_says_once_that_its_group_was_lost(
 
 
 def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
-    config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
+    server: Server, config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A consumer paused after it timed a renewal but before sending it (a SIGSTOP can
     land there) finds its lease expired when the renewal arrives, and says so: the lease
@@ -183,7 +193,7 @@ def test_a_lease_that_expired_while_a_renewal_waited_to_go_out_is_no_loss(
                 driving.resume(None, None)
                 continue
             if not paused and _renews(effect):
-                time.sleep(2 * lease)  # as if stopped between timing and sending
+                _until_expired(server, core)  # as if stopped between timing and sending
                 paused = True
                 core.stopping = True
             driving.resume(*fx.outcome(driver._perform, effect, None))
@@ -225,7 +235,7 @@ def test_a_connection_closed_while_the_handler_ran_is_replaced_without_a_failed_
 
 
 def test_a_renewal_that_retook_the_lease_is_judged_by_the_renewal_sent_before_it(
-    config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
+    server: Server, config: sb.ValidatedRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A heartbeat's renewal timed before a pause and sent after it retakes the expired
     lease; the consumer loop's own renewal, sent after it, finds the lease and comes back
@@ -240,7 +250,7 @@ def test_a_renewal_that_retook_the_lease_is_judged_by_the_renewal_sent_before_it
             assert time.monotonic() < deadline, "the consumer did not start"
             driving.resume(*fx.outcome(driver._perform, driving.effect, None))
         beat = fx.Driving(core.heartbeat())  # timed now...
-        time.sleep(2 * lease)  # ... while the lease runs out
+        _until_expired(server, core)  # ... while the lease runs out
         beaten = fx.outcome(driver._perform, beat.effect, None)  # sent now: it retakes it
         core._renew_at = 0.0
         while not _renews(driving.effect):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from ..errors import PoolError
 from .effects import AnyCommand, arguments
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Pieces",
     "Refresh",
     "Refusal",
+    "Routing",
     "RoutingError",
     "Topology",
     "Wait",
@@ -364,3 +366,36 @@ def route(
             yield Wait(wait)
             wait = min(wait * 2, _MAX_WAIT)
     return replies
+
+
+class Routing:
+    """:func:`route` as the I/O layers drive it: perform :attr:`request`, hand what it
+    gave to :meth:`resume`, until :attr:`done`; :attr:`replies` are then the replies. A
+    command that no cluster rule routes raises :class:`~streambroker.PoolError` naming
+    ``pool``."""
+
+    request: Request
+
+    def __init__(
+        self,
+        pool: str,
+        commands: Sequence[AnyCommand],
+        topology: Topology,
+        refusal: Callable[[Any], Refusal | None],
+        is_error: Callable[[Any], bool],
+    ) -> None:
+        self._pool = pool
+        self._steps = route(commands, topology, refusal, is_error)
+        self.done = False
+        self.replies: list[Any] = []
+        self.resume(None)
+
+    def resume(self, result: Any) -> None:
+        """Go on with what the request in progress gave (None for a refresh or a wait)."""
+        try:
+            self.request = self._steps.send(result)
+        except StopIteration as stop:
+            self.done = True
+            self.replies = stop.value
+        except RoutingError as exc:
+            raise PoolError(self._pool, str(exc)) from None

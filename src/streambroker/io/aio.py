@@ -16,7 +16,7 @@ import redis.exceptions as rex
 from ..config.registry import ValidatedRegistry
 from ..core import effects as fx
 from ..core import routing
-from ..errors import BrokerError, PoolError
+from ..errors import BrokerError
 from . import replies as rp
 from .connection import (
     AsyncCluster,
@@ -30,6 +30,20 @@ from .connection import (
 )
 
 T = TypeVar("T")
+
+
+async def _all(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Await ``calls`` at once (one alone, directly); once every one is over, their
+    results in order, or the first error."""
+    if len(calls) <= 1:
+        return [await call for call in calls]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)  # type: ignore[arg-type]
+
+
 V = TypeVar("V")
 
 
@@ -178,23 +192,18 @@ class AsyncDriver:
         them: its pieces sent to their nodes concurrently."""
         if cluster.stale:
             await cluster.refresh()
-        steps = routing.route(send.commands, cluster, refusal_of, is_error)
-        result: Any = None
         send.received = 0
-        while True:
-            try:
-                request = steps.send(result)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            except routing.RoutingError as exc:
-                raise PoolError(send.pool, str(exc)) from None
-            result = None
+        steps = routing.Routing(send.pool, send.commands, cluster, refusal_of, is_error)
+        while not steps.done:
+            request, result = steps.request, None
             if isinstance(request, routing.Pieces):
                 result = await self._pieces(send, cluster, request.pieces)
             elif isinstance(request, routing.Refresh):
                 await cluster.refresh()
             else:
                 await asyncio.sleep(request.seconds)
+            steps.resume(result)
+        return steps.replies
 
     async def _pieces(
         self, send: fx.Send, cluster: AsyncCluster, pieces: list[routing.Piece]
@@ -211,15 +220,7 @@ class AsyncDriver:
             finally:
                 send.received += sub.received
 
-        if len(pieces) <= 1:
-            return [await piece(each) for each in pieces]
-        results = await asyncio.gather(*(piece(each) for each in pieces), return_exceptions=True)
-        replies: list[list[Any]] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            replies.append(result)
-        return replies
+        return await _all([piece(each) for each in pieces])
 
     async def _round_trip(
         self, send: fx.Send, commands: Sequence[fx.AnyCommand], pool: Any
@@ -243,17 +244,7 @@ class AsyncDriver:
         return replies
 
     async def _parallel(self, parallel: fx.Parallel) -> list[list[Any]]:
-        if len(parallel.sends) <= 1:
-            return [await self._send(send) for send in parallel.sends]
-        results = await asyncio.gather(
-            *(self._send(send) for send in parallel.sends), return_exceptions=True
-        )
-        replies: list[list[Any]] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            replies.append(result)
-        return replies
+        return await _all([self._send(send) for send in parallel.sends])
 
     async def close(self) -> None:
         """Close every connection."""

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
@@ -14,7 +15,7 @@ import redis
 from ..config.registry import ValidatedRegistry
 from ..core import effects as fx
 from ..core import routing
-from ..errors import BrokerError, PoolError
+from ..errors import BrokerError
 from . import replies as rp
 from .connection import (
     ConnectionOptions,
@@ -222,23 +223,18 @@ class SyncDriver:
         them: its pieces sent to their nodes concurrently."""
         if cluster.stale:
             cluster.refresh()
-        steps = routing.route(send.commands, cluster, refusal_of, is_error)
-        result: Any = None
         send.received = 0
-        while True:
-            try:
-                request = steps.send(result)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-            except routing.RoutingError as exc:
-                raise PoolError(send.pool, str(exc)) from None
-            result = None
+        steps = routing.Routing(send.pool, send.commands, cluster, refusal_of, is_error)
+        while not steps.done:
+            request, result = steps.request, None
             if isinstance(request, routing.Pieces):
                 result = self._pieces(send, cluster, request.pieces)
             elif isinstance(request, routing.Refresh):
                 cluster.refresh()
             else:
                 time.sleep(request.seconds)
+            steps.resume(result)
+        return steps.replies
 
     def _pieces(
         self, send: fx.Send, cluster: SyncCluster, pieces: list[routing.Piece]
@@ -255,26 +251,31 @@ class SyncDriver:
                 raise
 
         try:
-            return self._each_piece(piece, len(pieces))
+            return self._at_once([partial(piece, index) for index in range(len(pieces))], True)
         finally:
             send.received += sum(sub.received for sub in subs)
 
-    def _each_piece(self, piece: Callable[[int], list[Any]], count: int) -> list[list[Any]]:
-        """``piece(0)`` … ``piece(count - 1)`` at once (the first in this thread), once
-        every one is over: their results, or the first error."""
-        if count <= 1:
-            return [piece(index) for index in range(count)]
+    def _at_once(self, calls: Sequence[Callable[[], T]], nodes: bool) -> list[T]:
+        """Every one of ``calls`` at once (the first in this thread), on the threads for
+        a cluster's nodes or those for pools; once every one is over, their results in
+        order, or the first error. (Two sets of threads: a pool's round trip, on a pool
+        thread, may wait on its nodes' pieces.)"""
+        if len(calls) <= 1:
+            return [call() for call in calls]
         with self._lock:
-            if self._node_executor is None:
+            if nodes and self._node_executor is None:
                 self._node_executor = ThreadPoolExecutor(
                     max_workers=64, thread_name_prefix="streambroker-node"
                 )
-            executor = self._node_executor
-        futures = [executor.submit(piece, index) for index in range(1, count)]
-        results: list[list[Any]] = []
+            if not nodes and self._executor is None:
+                self._executor = ThreadPoolExecutor(thread_name_prefix="streambroker")
+            executor = self._node_executor if nodes else self._executor
+        assert executor is not None
+        futures = [executor.submit(call) for call in calls[1:]]
+        results: list[T] = []
         error: BaseException | None = None
         try:
-            results.append(piece(0))
+            results.append(calls[0]())
         except BaseException as exc:
             error = exc
         for future in futures:  # every piece finished before anything is raised
@@ -320,25 +321,8 @@ class SyncDriver:
         return replies
 
     def _parallel(self, parallel: fx.Parallel, held: Held | None = None) -> list[list[Any]]:
-        sends = parallel.sends
-        if len(sends) <= 1:
-            return [self._send(send, held) for send in sends]
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(thread_name_prefix="streambroker")
-            executor = self._executor
         # Each send goes to a pool of its own: the threads touch distinct entries of held.
-        futures = [executor.submit(self._send, send, held) for send in sends]
-        results: list[list[Any]] = []
-        error: BaseException | None = None
-        for future in futures:
-            try:
-                results.append(future.result())
-            except BrokerError as exc:
-                error = error or exc
-        if error is not None:
-            raise error
-        return results
+        return self._at_once([partial(self._send, send, held) for send in parallel.sends], False)
 
     def close(self) -> None:
         """Close every connection and the worker threads."""
